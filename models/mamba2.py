@@ -1,0 +1,379 @@
+"""Mamba2: the selective state-space block of "Transformers are SSMs" (Dao & Gu, 2024), in pure PyTorch.
+
+The module mirrors `mamba_ssm.modules.mamba2.Mamba2`: same constructor arguments, same parameter names
+and shapes (in_proj, conv1d, dt_bias, A_log, D, norm.weight, out_proj), same in_proj split order
+[z0, x0, z, xBC, dt] and the same initialisation of dt_bias / A_log / D, so a state dict saved by one
+loads into the other. The inference API is the same too: `allocate_inference_cache` returns
+`(conv_state [B, conv_dim, d_conv], ssm_state [B, nheads, headdim, d_state])` and `step` advances one token.
+
+The work is done by a chunked SSD scan (`ssd_chunked`): inside a chunk of `chunk_size` tokens the SSM is
+computed as a masked, decay-weighted attention-like matrix product; between chunks only the
+[nheads, headdim, d_state] states are passed on. `ssd_sequential` is the plain token-by-token recurrence,
+kept as the reference for tests and benchmarks. When `mamba_ssm` is importable and CUDA is present, its
+fused Triton scan is used instead (`backend="mamba_ssm"`); the choice is logged at construction and a
+forced backend that cannot run is an error, never a silent fallback.
+
+Notation (per head h, token t):  dt_t = softplus(dt_raw_t + dt_bias),  a_t = dt_t * A  (A = -exp(A_log) < 0)
+    state_t = exp(a_t) * state_{t-1} + dt_t * x_t B_t^T          [headdim, d_state]
+    y_t     = state_t C_t + D * x_t                               [headdim]
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "mamba_ssm", "torch", "torch_ssd")
+
+
+def _load_mamba_ssm_scan():
+    """mamba_ssm's fused chunked scan, or (None, reason) when it cannot be used here."""
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except Exception as e:  # ImportError, or a broken CUDA/Triton install raising at import time
+        return None, f"mamba_ssm not importable ({type(e).__name__}: {e})"
+    if not torch.cuda.is_available():
+        return None, "mamba_ssm is installed but CUDA is not available"
+    return mamba_chunk_scan_combined, "mamba_ssm fused Triton kernels"
+
+
+# ----------------------------------------------------------------------------------------------------
+# SSD scans (pure PyTorch). Shapes: x [b, l, h, p], dt [b, l, h] (already positive), A [h] (negative),
+# B, C [b, l, g, n] with h divisible by g (head i reads group i // (h // g)), D [h] or [h, p].
+# ----------------------------------------------------------------------------------------------------
+
+def segsum(a: torch.Tensor) -> torch.Tensor:
+    """a [..., T] -> [..., T, T] with out[..., i, j] = a[j+1] + ... + a[i] for j <= i and -inf above the
+    diagonal, so exp(out) is the causal decay matrix. Summing a masked copy (instead of subtracting two
+    cumulative sums) keeps the entries exact for long chunks where cumsums grow large."""
+    T = a.shape[-1]
+    a_rep = a.unsqueeze(-1).expand(*a.shape, T)                      # [..., T(i), T(j)] = a[i]
+    strictly_lower = torch.ones(T, T, dtype=torch.bool, device=a.device).tril(-1)
+    out = a_rep.masked_fill(~strictly_lower, 0.0).cumsum(dim=-2)
+    lower = torch.ones(T, T, dtype=torch.bool, device=a.device).tril(0)
+    return out.masked_fill(~lower, float("-inf"))
+
+
+def _skip(y: torch.Tensor, x: torch.Tensor, D: torch.Tensor | None) -> torch.Tensor:
+    if D is None:
+        return y
+    D = D.to(x.dtype)
+    return y + x * (D[:, None] if D.dim() == 1 else D)
+
+
+def ssd_chunked(x, dt, A, B, C, chunk_size: int, D=None, initial_state=None, return_final_state: bool = False):
+    """Chunked SSD scan. Returns y [b, l, h, p] (and the final state [b, h, p, n] if asked).
+
+    Lengths that are not a multiple of `chunk_size` are zero-padded at the end: a padded step has dt = 0,
+    i.e. decay exp(0) = 1 and no input, so outputs and the final state are exactly those of the real tokens.
+    """
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    r = h // g                                                        # heads per group
+    pad = (-l) % chunk_size
+    if pad:
+        x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
+    c, s = (l + pad) // chunk_size, chunk_size
+
+    x = x.reshape(b, c, s, g, r, p)
+    dt = dt.reshape(b, c, s, g, r)
+    B = B.reshape(b, c, s, g, n)
+    C = C.reshape(b, c, s, g, n)
+    a = (dt * A.to(dt.dtype).reshape(g, r)).permute(0, 3, 4, 1, 2)   # [b, g, r, c, s]
+    a_cum = a.cumsum(dim=-1)
+    xdt = x * dt.unsqueeze(-1)                                        # [b, c, s, g, r, p]
+
+    # 1) within each chunk: y_l = sum_{s<=l} (C_l . B_s) exp(a_{s+1..l}) dt_s x_s
+    decay = torch.exp(segsum(a)).permute(0, 3, 1, 2, 4, 5)           # [b, c, g, r, l, s]
+    CB = torch.einsum("bclgn,bcsgn->bcgls", C, B)                     # [b, c, g, l, s]
+    y_diag = torch.einsum("bcgrls,bcsgrp->bclgrp", CB.unsqueeze(3) * decay, xdt)
+
+    # 2) each chunk's own contribution to the state at its end
+    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)                 # [b, g, r, c, s]
+    chunk_states = torch.einsum("bcsgn,bgrcs,bcsgrp->bcgrpn", B, decay_to_end, xdt)
+
+    # 3) pass states between chunks: S_{k+1} = exp(sum of a over chunk k) S_k + chunk_states_k
+    if initial_state is None:
+        initial_state = torch.zeros(b, h, p, n, dtype=x.dtype, device=x.device)
+    states = torch.cat([initial_state.to(x.dtype).reshape(b, 1, g, r, p, n), chunk_states], dim=1)
+    chunk_decay = torch.exp(segsum(F.pad(a_cum[..., -1], (1, 0))))    # [b, g, r, c+1, c+1]
+    states = torch.einsum("bgrzk,bkgrpn->bzgrpn", chunk_decay, states)
+    states_in, final_state = states[:, :-1], states[:, -1]
+
+    # 4) the state entering each chunk, decayed to every position inside it
+    y_off = torch.einsum("bclgn,bcgrpn->bclgrp", C, states_in)
+    y_off = y_off * torch.exp(a_cum).permute(0, 3, 4, 1, 2).unsqueeze(-1)
+
+    y = (y_diag + y_off).reshape(b, c * s, h, p)[:, :l]
+    y = _skip(y, x.reshape(b, c * s, h, p)[:, :l], D)
+    if return_final_state:
+        return y, final_state.reshape(b, h, p, n)
+    return y
+
+
+def ssd_sequential(x, dt, A, B, C, D=None, initial_state=None, return_final_state: bool = False):
+    """Token-by-token recurrence (the definition). Same arguments and results as `ssd_chunked`."""
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    r = h // g
+    state = (torch.zeros(b, h, p, n, dtype=x.dtype, device=x.device) if initial_state is None
+             else initial_state.to(x.dtype)).reshape(b, g, r, p, n)
+    A = A.to(dt.dtype).reshape(g, r)
+    ys = []
+    for t in range(l):
+        dt_t = dt[:, t].reshape(b, g, r)
+        x_t = x[:, t].reshape(b, g, r, p)
+        dA = torch.exp(dt_t * A)[..., None, None]
+        state = state * dA + torch.einsum("bgr,bgrp,bgn->bgrpn", dt_t, x_t, B[:, t])
+        ys.append(torch.einsum("bgrpn,bgn->bgrp", state, C[:, t]).reshape(b, h, p))
+    y = _skip(torch.stack(ys, dim=1), x, D)
+    if return_final_state:
+        return y, state.reshape(b, h, p, n)
+    return y
+
+
+# ----------------------------------------------------------------------------------------------------
+# Gated RMSNorm (mamba_ssm.ops.triton.layernorm_gated.RMSNorm, norm_before_gate=False by default)
+# ----------------------------------------------------------------------------------------------------
+
+class RMSNormGated(nn.Module):
+    """rmsnorm(x * silu(z)) * weight, normalised over groups of `group_size` channels (one per B/C group)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, norm_before_gate: bool = False,
+                 group_size: int | None = None, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.norm_before_gate = norm_before_gate
+        self.group_size = hidden_size if group_size is None else group_size
+        if hidden_size % self.group_size:
+            raise ValueError(f"RMSNormGated: hidden_size {hidden_size} is not a multiple of group_size {self.group_size}")
+        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        dtype = x.dtype
+        compute = torch.float64 if dtype == torch.float64 else torch.float32  # statistics never in 16 bit
+        x = x.to(compute)
+        if z is not None and not self.norm_before_gate:
+            x = x * F.silu(z.to(compute))
+        xg = x.unflatten(-1, (-1, self.group_size))
+        x = (xg * torch.rsqrt(xg.square().mean(dim=-1, keepdim=True) + self.eps)).flatten(-2)
+        x = x * self.weight.to(compute)
+        if z is not None and self.norm_before_gate:
+            x = x * F.silu(z.to(compute))
+        return x.to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The block
+# ----------------------------------------------------------------------------------------------------
+
+class Mamba2(nn.Module):
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 128,
+        d_conv: int = 4,
+        conv_init: float | None = None,
+        expand: int = 2,
+        headdim: int = 64,
+        d_ssm: int | None = None,          # SSM on this many channels; the rest of d_inner is a gated MLP
+        ngroups: int = 1,
+        A_init_range: tuple[float, float] = (1, 16),
+        D_has_hdim: bool = False,
+        rmsnorm: bool = True,
+        norm_before_gate: bool = False,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        dt_limit: tuple[float, float] = (0.0, float("inf")),
+        bias: bool = False,
+        conv_bias: bool = True,
+        chunk_size: int = 256,
+        use_mem_eff_path: bool = True,     # accepted for signature compatibility; the scan here is unfused
+        layer_idx: int | None = None,
+        process_group=None,
+        sequence_parallel: bool = True,
+        backend: str = "auto",             # "auto" | "mamba_ssm" | "torch" ("torch_ssd" accepted)
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if process_group is not None:
+            raise ValueError("Mamba2: tensor parallelism (process_group) is not supported by this implementation")
+        if backend not in BACKENDS:
+            raise ValueError(f"Mamba2: backend must be one of {BACKENDS}, got {backend!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.conv_init = conv_init
+        self.d_inner = expand * d_model
+        self.headdim = headdim
+        self.d_ssm = self.d_inner if d_ssm is None else d_ssm
+        self.ngroups = ngroups
+        if self.d_ssm % headdim:
+            raise ValueError(f"Mamba2: d_ssm={self.d_ssm} (expand*d_model unless given) is not a multiple of headdim={headdim}")
+        self.nheads = self.d_ssm // headdim
+        if self.nheads % ngroups:
+            raise ValueError(f"Mamba2: nheads={self.nheads} is not a multiple of ngroups={ngroups}")
+        if chunk_size < 1:
+            raise ValueError(f"Mamba2: chunk_size must be >= 1, got {chunk_size}")
+        self.D_has_hdim, self.rmsnorm, self.norm_before_gate = D_has_hdim, rmsnorm, norm_before_gate
+        self.dt_limit = tuple(dt_limit)
+        self.activation = "silu"
+        self.chunk_size = chunk_size
+        self.use_mem_eff_path = use_mem_eff_path
+        self.layer_idx = layer_idx
+
+        # in_proj output order: [z0, x0 (gated MLP, d_mlp each), z (d_ssm), xBC (d_ssm + 2 g n), dt (nheads)]
+        d_in_proj = 2 * self.d_inner + 2 * ngroups * d_state + self.nheads
+        self.in_proj = nn.Linear(d_model, d_in_proj, bias=bias, **factory)
+
+        conv_dim = self.d_ssm + 2 * ngroups * d_state
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, kernel_size=d_conv, groups=conv_dim, padding=d_conv - 1,
+                                bias=conv_bias, **factory)
+        if conv_init is not None:
+            nn.init.uniform_(self.conv1d.weight, -conv_init, conv_init)
+        self.act = nn.SiLU()
+
+        # dt_bias = softplus^-1(dt) with dt log-uniform in [dt_min, dt_max], as in mamba_ssm
+        dt = torch.exp(torch.rand(self.nheads, **factory) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = torch.clamp(dt, min=dt_init_floor)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        self.dt_bias._no_weight_decay = True
+
+        if not (A_init_range[0] > 0 and A_init_range[1] >= A_init_range[0]):
+            raise ValueError(f"Mamba2: A_init_range must satisfy 0 < lo <= hi, got {A_init_range}")
+        A = torch.empty(self.nheads, dtype=torch.float32, device=device).uniform_(*A_init_range)
+        self.A_log = nn.Parameter(torch.log(A).to(dtype=dtype))
+        self.A_log._no_weight_decay = True
+
+        self.D = nn.Parameter(torch.ones(self.d_ssm if D_has_hdim else self.nheads, device=device))
+        self.D._no_weight_decay = True
+
+        if rmsnorm:
+            self.norm = RMSNormGated(self.d_ssm, eps=1e-5, norm_before_gate=norm_before_gate,
+                                     group_size=self.d_ssm // ngroups, **factory)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+
+        self._fused_scan = None
+        if backend in ("auto", "mamba_ssm"):
+            self._fused_scan, reason = _load_mamba_ssm_scan()
+            if self._fused_scan is None and backend == "mamba_ssm":
+                raise RuntimeError(f"Mamba2: backend='mamba_ssm' requested but {reason}; use backend='torch'")
+        else:
+            reason = "forced by backend='torch'"
+        self.backend = "mamba_ssm" if self._fused_scan is not None else "torch_ssd"
+        why = reason if self.backend == "mamba_ssm" or backend != "auto" else f"pure-PyTorch chunked SSD; {reason}"
+        log.info("Mamba2%s backend=%s (%s)", "" if layer_idx is None else f"[layer {layer_idx}]", self.backend, why)
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def _split_in_proj(self, zxbcdt: torch.Tensor):
+        d_mlp = (zxbcdt.shape[-1] - 2 * self.d_ssm - 2 * self.ngroups * self.d_state - self.nheads) // 2
+        return torch.split(zxbcdt, [d_mlp, d_mlp, self.d_ssm, self.d_ssm + 2 * self.ngroups * self.d_state,
+                                    self.nheads], dim=-1)
+
+    def _dt(self, dt_raw: torch.Tensor) -> torch.Tensor:
+        dt = F.softplus(dt_raw + self.dt_bias.to(dt_raw.dtype))
+        if self.dt_limit != (0.0, float("inf")):
+            dt = dt.clamp(min=self.dt_limit[0], max=self.dt_limit[1])
+        return dt
+
+    def _D(self) -> torch.Tensor:
+        return self.D.reshape(self.nheads, self.headdim) if self.D_has_hdim else self.D
+
+    def _finish(self, y, z, z0, x0):
+        """Gate/normalise the SSM output, prepend the gated-MLP part, project back to d_model."""
+        if self.rmsnorm:
+            y = self.norm(y, z)
+        else:
+            y = y * self.act(z)
+        if z0.shape[-1] > 0:
+            y = torch.cat([F.silu(z0) * x0, y], dim=-1)
+        return self.out_proj(y)
+
+    # -- full sequence ---------------------------------------------------------------------------------
+    def forward(self, u: torch.Tensor, return_final_states: bool = False):
+        """u [B, L, d_model] -> [B, L, d_model]. With return_final_states=True also returns the
+        (conv_state, ssm_state) after the last token, ready for `step` (prefill for generation)."""
+        batch, seqlen, _ = u.shape
+        z0, x0, z, xBC, dt_raw = self._split_in_proj(self.in_proj(u))
+        xBC_in = xBC
+        xBC = self.act(self.conv1d(xBC.transpose(1, 2))[..., :seqlen].transpose(1, 2))  # causal depthwise conv
+        x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        x = x.unflatten(-1, (self.nheads, self.headdim))
+        B = B.unflatten(-1, (self.ngroups, self.d_state))
+        C = C.unflatten(-1, (self.ngroups, self.d_state))
+        A = -torch.exp(self.A_log.float())  # float: a 16-bit A_log could overflow to -inf
+
+        if self._fused_scan is not None:
+            if not u.is_cuda:
+                raise RuntimeError("Mamba2: backend 'mamba_ssm' needs CUDA tensors; construct with backend='torch' for CPU")
+            kw = {} if self.dt_limit == (0.0, float("inf")) else {"dt_limit": self.dt_limit}
+            res = self._fused_scan(x, dt_raw, A, B, C, chunk_size=self.chunk_size, D=self._D(), z=None,
+                                   dt_bias=self.dt_bias, dt_softplus=True, return_final_states=return_final_states, **kw)
+            y, final_state = (res[0], res[1]) if return_final_states else (res, None)
+        else:
+            # 16-bit inputs are scanned in float32 (the decays are products of many factors)
+            compute = torch.float64 if u.dtype == torch.float64 else torch.float32
+            dt = self._dt(dt_raw.to(compute))
+            res = ssd_chunked(x.to(compute), dt, A, B.to(compute), C.to(compute), self.chunk_size, D=self._D(),
+                              return_final_state=return_final_states)
+            y, final_state = (res[0], res[1]) if return_final_states else (res, None)
+            y = y.to(u.dtype)
+
+        out = self._finish(y.flatten(-2), z, z0, x0)
+        if not return_final_states:
+            return out
+        # conv_state holds the last d_conv conv inputs (zero-padded on the left for short prompts)
+        conv_state = F.pad(xBC_in.transpose(1, 2), (self.d_conv - seqlen, 0)) if seqlen < self.d_conv \
+            else xBC_in.transpose(1, 2)[..., -self.d_conv:]
+        cache_conv, cache_ssm = self.allocate_inference_cache(batch, seqlen)
+        cache_conv.copy_(conv_state)
+        cache_ssm.copy_(final_state)
+        return out, cache_conv, cache_ssm
+
+    # -- one token -----------------------------------------------------------------------------------
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None, **kwargs):
+        """(conv_state [B, conv_dim, d_conv], ssm_state [B, nheads, headdim, d_state]), zero. conv_state is a
+        transposed view of a [B, d_conv, conv_dim] buffer, the memory layout mamba_ssm's kernels expect."""
+        device = self.out_proj.weight.device
+        conv_dtype = self.conv1d.weight.dtype if dtype is None else dtype
+        conv_state = torch.zeros(batch_size, self.d_conv, self.conv1d.weight.shape[0], device=device,
+                                 dtype=conv_dtype).transpose(1, 2)
+        ssm_dtype = self.in_proj.weight.dtype if dtype is None else dtype
+        ssm_state = torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device, dtype=ssm_dtype)
+        return conv_state, ssm_state
+
+    def step(self, u_t: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
+        """u_t [B, 1, d_model] -> (out [B, 1, d_model], conv_state, ssm_state); both states are updated in place."""
+        if u_t.dim() != 3 or u_t.shape[1] != 1:
+            raise ValueError(f"Mamba2.step: expected u_t of shape [B, 1, {self.d_model}], got {list(u_t.shape)}")
+        dtype = u_t.dtype
+        z0, x0, z, xBC, dt_raw = self._split_in_proj(self.in_proj(u_t.squeeze(1)))
+
+        conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+        conv_state[:, :, -1] = xBC
+        xBC = (conv_state * self.conv1d.weight.squeeze(1)).sum(dim=-1)
+        if self.conv1d.bias is not None:
+            xBC = xBC + self.conv1d.bias
+        xBC = self.act(xBC).to(dtype)
+        x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+
+        g, r = self.ngroups, self.nheads // self.ngroups
+        compute = ssm_state.dtype if ssm_state.dtype in (torch.float32, torch.float64) else torch.float32
+        A = -torch.exp(self.A_log.float()).to(compute)
+        dt = self._dt(dt_raw.to(compute))                                   # [B, h]
+        xh = x.to(compute).reshape(-1, g, r, self.headdim)
+        Bg, Cg = B.to(compute).reshape(-1, g, self.d_state), C.to(compute).reshape(-1, g, self.d_state)
+        dA = torch.exp(dt * A).reshape(-1, g, r, 1, 1)
+        state = ssm_state.to(compute).reshape(-1, g, r, self.headdim, self.d_state)
+        state = state * dA + torch.einsum("bgr,bgrp,bgn->bgrpn", dt.reshape(-1, g, r), xh, Bg)
+        ssm_state.copy_(state.reshape(ssm_state.shape))
+        y = torch.einsum("bgrpn,bgn->bgrp", state, Cg).reshape(-1, self.nheads, self.headdim)
+        y = _skip(y, xh.reshape(-1, self.nheads, self.headdim), self._D()).to(dtype)
+        out = self._finish(y.flatten(-2), z, z0, x0)
+        return out.unsqueeze(1), conv_state, ssm_state
