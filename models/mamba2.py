@@ -19,6 +19,7 @@ Notation (per head h, token t):  dt_t = softplus(dt_raw_t + dt_bias),  a_t = dt_
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
@@ -40,6 +41,14 @@ def _load_mamba_ssm_scan():
     if not torch.cuda.is_available():
         return None, "mamba_ssm is installed but CUDA is not available"
     return mamba_chunk_scan_combined, "mamba_ssm fused Triton kernels"
+
+
+def _global_rng_untouched(active: bool, device):
+    if not active:
+        return contextlib.nullcontext()
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    return torch.random.fork_rng(devices=cuda)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -199,6 +208,7 @@ class Mamba2(nn.Module):
         process_group=None,
         sequence_parallel: bool = True,
         backend: str = "auto",             # "auto" | "mamba_ssm" | "torch" ("torch_ssd" accepted)
+        generator: torch.Generator | None = None,  # draws every initial weight; None = the global RNG
         device=None,
         dtype=None,
     ):
@@ -230,34 +240,30 @@ class Mamba2(nn.Module):
 
         # in_proj output order: [z0, x0 (gated MLP, d_mlp each), z (d_ssm), xBC (d_ssm + 2 g n), dt (nheads)]
         d_in_proj = 2 * self.d_inner + 2 * ngroups * d_state + self.nheads
-        self.in_proj = nn.Linear(d_model, d_in_proj, bias=bias, **factory)
-
         conv_dim = self.d_ssm + 2 * ngroups * d_state
-        self.conv1d = nn.Conv1d(conv_dim, conv_dim, kernel_size=d_conv, groups=conv_dim, padding=d_conv - 1,
-                                bias=conv_bias, **factory)
-        if conv_init is not None:
-            nn.init.uniform_(self.conv1d.weight, -conv_init, conv_init)
+        # nn.Linear/Conv1d draw a default init from the global RNG; with a generator that draw is thrown away
+        # (reset_parameters redoes it), so it must not advance the caller's global RNG either
+        with _global_rng_untouched(generator is not None, device):
+            self.in_proj = nn.Linear(d_model, d_in_proj, bias=bias, **factory)
+            self.conv1d = nn.Conv1d(conv_dim, conv_dim, kernel_size=d_conv, groups=conv_dim, padding=d_conv - 1,
+                                    bias=conv_bias, **factory)
+            out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)  # registered after norm, as in mamba_ssm
         self.act = nn.SiLU()
-
-        # dt_bias = softplus^-1(dt) with dt log-uniform in [dt_min, dt_max], as in mamba_ssm
-        dt = torch.exp(torch.rand(self.nheads, **factory) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-        dt = torch.clamp(dt, min=dt_init_floor)
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
-        self.dt_bias._no_weight_decay = True
-
         if not (A_init_range[0] > 0 and A_init_range[1] >= A_init_range[0]):
             raise ValueError(f"Mamba2: A_init_range must satisfy 0 < lo <= hi, got {A_init_range}")
-        A = torch.empty(self.nheads, dtype=torch.float32, device=device).uniform_(*A_init_range)
-        self.A_log = nn.Parameter(torch.log(A).to(dtype=dtype))
+        self.A_init_range = tuple(A_init_range)
+        self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
+        self.dt_bias = nn.Parameter(torch.empty(self.nheads, **factory))
+        self.dt_bias._no_weight_decay = True
+        self.A_log = nn.Parameter(torch.empty(self.nheads, **factory))
         self.A_log._no_weight_decay = True
-
-        self.D = nn.Parameter(torch.ones(self.d_ssm if D_has_hdim else self.nheads, device=device))
+        self.D = nn.Parameter(torch.ones(self.d_ssm if D_has_hdim else self.nheads, device=device))  # "skip"
         self.D._no_weight_decay = True
-
         if rmsnorm:
             self.norm = RMSNormGated(self.d_ssm, eps=1e-5, norm_before_gate=norm_before_gate,
                                      group_size=self.d_ssm // ngroups, **factory)
-        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+        self.out_proj = out_proj
+        self.reset_parameters(generator)
 
         self._fused_scan = None
         if backend in ("auto", "mamba_ssm"):
@@ -269,6 +275,33 @@ class Mamba2(nn.Module):
         self.backend = "mamba_ssm" if self._fused_scan is not None else "torch_ssd"
         why = reason if self.backend == "mamba_ssm" or backend != "auto" else f"pure-PyTorch chunked SSD; {reason}"
         log.info("Mamba2%s backend=%s (%s)", "" if layer_idx is None else f"[layer {layer_idx}]", self.backend, why)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """mamba_ssm's initialisation, every draw taken from `generator`: in_proj/out_proj/conv1d as PyTorch's
+        default Linear/Conv1d init (uniform +-1/sqrt(fan_in)) or conv_init; dt_bias = softplus^-1(dt) with dt
+        log-uniform in [dt_min, dt_max] (floored at dt_init_floor); A_log = log U(A_init_range); D = 1."""
+        for lin in (self.in_proj, self.out_proj, self.conv1d):
+            fan_in = lin.weight[0].numel()  # Conv1d depthwise: 1 * d_conv
+            bound = 1.0 / math.sqrt(fan_in)
+            if lin is self.conv1d and self.conv_init is not None:
+                nn.init.uniform_(lin.weight, -self.conv_init, self.conv_init, generator=generator)
+            else:
+                nn.init.uniform_(lin.weight, -bound, bound, generator=generator)
+            if lin.bias is not None:
+                nn.init.uniform_(lin.bias, -bound, bound, generator=generator)
+        dev = self.dt_bias.device
+        u = torch.rand(self.nheads, generator=generator, device=generator.device if generator is not None else dev)
+        dt = torch.exp(u.to(dev) * (math.log(self.dt_max) - math.log(self.dt_min)) + math.log(self.dt_min))
+        dt = torch.clamp(dt, min=self.dt_init_floor)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        lo, hi = self.A_init_range
+        A = torch.empty(self.nheads, dtype=torch.float32, device=dev)
+        nn.init.uniform_(A, lo, hi, generator=generator)
+        self.A_log.copy_(torch.log(A))
+        self.D.fill_(1.0)
+        if self.rmsnorm:
+            self.norm.weight.fill_(1.0)
 
     # -- helpers -------------------------------------------------------------------------------------
     def _split_in_proj(self, zxbcdt: torch.Tensor):
