@@ -1,0 +1,228 @@
+"""Building blocks of HRM, numerically matching the original sapientinc/HRM `models/layers.py`.
+
+Conventions kept from the original (and relied on by released checkpoints):
+- weights live in fp32 ("master" copies) and are cast to the activation dtype at use;
+- init is the JAX-style truncated normal whose *final* std equals the requested std;
+- RMSNorm has no gain; SwiGLU's width is round(expansion * D * 2/3) rounded up to a multiple of 256;
+- RoPE uses the half-split rotation and is applied in fp32.
+
+Attention runs on flash-attn (3 or 2) when it is importable and the tensors are on CUDA in 16-bit,
+else on `torch.nn.functional.scaled_dot_product_attention`. The choice is a config value
+(`attn_backend: auto|flash|sdpa`) and is logged once per process.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.common import trunc_normal_init_
+
+log = logging.getLogger(__name__)
+
+CosSin = tuple[torch.Tensor, torch.Tensor]
+
+
+def _find_multiple(a: int, b: int) -> int:
+    return (-(a // -b)) * b
+
+
+def swiglu_intermediate_size(hidden_size: int, expansion: float) -> int:
+    """The original's rule: 512 -> 1536, 128 -> 512, 256 -> 768 at expansion 4."""
+    return _find_multiple(round(expansion * hidden_size * 2 / 3), 256)
+
+
+# ----------------------------------------------------------------------------------------------
+# casted layers
+
+
+class CastedLinear(nn.Module):
+    """Linear with an fp32 weight [out, in] cast to the input's dtype at forward time."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool,
+                 generator: Optional[torch.Generator] = None):
+        super().__init__()
+        # Truncated LeCun normal, as in the original.
+        self.weight = nn.Parameter(trunc_normal_init_(torch.empty((out_features, in_features)),
+                                                      std=1.0 / math.sqrt(in_features), generator=generator))
+        self.bias = nn.Parameter(torch.zeros((out_features,))) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        b = self.bias
+        if b is not None and b.dtype != x.dtype:
+            b = b.to(x.dtype)
+        return F.linear(x, w, b)
+
+
+class CastedEmbedding(nn.Module):
+    """Embedding table in fp32 (named `embedding_weight` as in the original), cast to `cast_to` at lookup."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, init_std: float, cast_to: torch.dtype,
+                 generator: Optional[torch.Generator] = None):
+        super().__init__()
+        self.cast_to = cast_to
+        self.embedding_weight = nn.Parameter(
+            trunc_normal_init_(torch.empty((num_embeddings, embedding_dim)), std=init_std, generator=generator))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # Gather in fp32 then cast only the gathered rows: the same values as casting the whole
+        # table first (a cast is elementwise) at a fraction of the cost.
+        return F.embedding(ids, self.embedding_weight).to(self.cast_to)
+
+
+# ----------------------------------------------------------------------------------------------
+# norm, positions, MLP
+
+
+def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm without gain, computed in fp32 and cast back."""
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)
+    return x32.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """q, k: [B, S, H, d]; cos, sin: [S, d] fp32. Rotation in fp32, result in the input dtype."""
+    dtype = q.dtype
+    cos = cos.unsqueeze(-2)  # [S, 1, d], broadcast over heads
+    sin = sin.unsqueeze(-2)
+    q32, k32 = q.float(), k.float()
+    q_out = q32 * cos + rotate_half(q32) * sin
+    k_out = k32 * cos + rotate_half(k32) * sin
+    return q_out.to(dtype), k_out.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Precomputed RoPE tables [S, d] (fp32, non-persistent: never in a state dict)."""
+
+    def __init__(self, dim: int, max_position_embeddings: int, base: float):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        positions = torch.arange(max_position_embeddings, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos_cached", angles.cos(), persistent=False)
+        self.register_buffer("sin_cached", angles.sin(), persistent=False)
+
+    def forward(self) -> CosSin:
+        return self.cos_cached, self.sin_cached
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden_size: int, expansion: float, generator: Optional[torch.Generator] = None):
+        super().__init__()
+        inter = swiglu_intermediate_size(hidden_size, expansion)
+        self.gate_up_proj = CastedLinear(hidden_size, inter * 2, bias=False, generator=generator)
+        self.down_proj = CastedLinear(inter, hidden_size, bias=False, generator=generator)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+# ----------------------------------------------------------------------------------------------
+# attention
+
+ATTN_BACKENDS = ("auto", "flash", "sdpa")
+
+
+def _import_flash_attn():
+    """flash_attn_func from FA3 (`flash_attn_interface`) or FA2 (`flash_attn`), or None."""
+    try:
+        from flash_attn_interface import flash_attn_func  # type: ignore
+        return flash_attn_func, "flash_attn_3"
+    except ImportError:
+        pass
+    try:
+        from flash_attn import flash_attn_func  # type: ignore
+        return flash_attn_func, "flash_attn_2"
+    except ImportError:
+        return None, None
+
+
+_logged_backends: set[str] = set()
+
+
+def resolve_attn_backend(requested: str, device: torch.device | str | None = None) -> str:
+    """'auto' -> 'flash' if flash-attn imports and the device is CUDA, else 'sdpa'.
+    'flash' without flash-attn is an error rather than a silent fallback."""
+    if requested not in ATTN_BACKENDS:
+        raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {requested!r}")
+    fn, name = _import_flash_attn()
+    dev = torch.device(device) if device is not None else None
+    if requested == "flash":
+        if fn is None:
+            raise RuntimeError("attn_backend='flash' but neither flash_attn_interface (FA3) nor flash_attn (FA2) is importable")
+        chosen, detail = "flash", name
+    elif requested == "sdpa":
+        chosen, detail = "sdpa", "torch scaled_dot_product_attention"
+    else:
+        on_cuda = dev is None or dev.type == "cuda"
+        if fn is not None and on_cuda and torch.cuda.is_available():
+            chosen, detail = "flash", name
+        else:
+            chosen, detail = "sdpa", "torch scaled_dot_product_attention" + (" (flash-attn not importable)" if fn is None else " (not on CUDA)")
+    key = f"{requested}->{chosen}:{detail}"
+    if key not in _logged_backends:
+        _logged_backends.add(key)
+        log.info("attention backend: requested %s, using %s (%s)", requested, chosen, detail)
+    return chosen
+
+
+class Attention(nn.Module):
+    """Multi-head non-causal attention with a fused qkv projection (layout [q heads | k heads | v heads])."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_key_value_heads: int,
+                 causal: bool = False, backend: str = "auto", generator: Optional[torch.Generator] = None):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.head_dim = head_dim
+        self.num_heads = num_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.causal = causal
+        self.backend = backend  # "auto" | "flash" | "sdpa"; resolved at first use on the actual device
+        self._resolved: Optional[str] = None
+        self.qkv_proj = CastedLinear(hidden_size, (num_heads + 2 * num_key_value_heads) * head_dim, bias=False,
+                                     generator=generator)
+        self.o_proj = CastedLinear(num_heads * head_dim, hidden_size, bias=False, generator=generator)
+
+    def _backend_for(self, x: torch.Tensor) -> str:
+        if self._resolved is None:
+            self._resolved = resolve_attn_backend(self.backend, x.device)
+        if self._resolved == "flash" and (x.device.type != "cuda" or x.dtype not in (torch.float16, torch.bfloat16)):
+            if self.backend == "flash":
+                raise RuntimeError(f"attn_backend='flash' needs fp16/bf16 CUDA tensors, got {x.dtype} on {x.device}")
+            return "sdpa"
+        return self._resolved
+
+    def forward(self, hidden_states: torch.Tensor, cos_sin: Optional[CosSin] = None) -> torch.Tensor:
+        B, S, _ = hidden_states.shape
+        qkv = self.qkv_proj(hidden_states).view(B, S, self.num_heads + 2 * self.num_key_value_heads, self.head_dim)
+        q = qkv[:, :, :self.num_heads]
+        k = qkv[:, :, self.num_heads:self.num_heads + self.num_key_value_heads]
+        v = qkv[:, :, self.num_heads + self.num_key_value_heads:]
+        if cos_sin is not None:
+            q, k = apply_rotary_pos_emb(q, k, *cos_sin)
+
+        if self._backend_for(hidden_states) == "flash":
+            flash_attn_func, _ = _import_flash_attn()
+            out = flash_attn_func(q, k, v, causal=self.causal)
+            if isinstance(out, tuple):  # FA3 returns (out, lse)
+                out = out[0]
+        else:
+            # SDPA wants [B, H, S, d]; same default scale 1/sqrt(d) as flash-attn.
+            enable_gqa = self.num_key_value_heads != self.num_heads
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=self.causal, enable_gqa=enable_gqa).transpose(1, 2)
+        return self.o_proj(out.reshape(B, S, self.num_heads * self.head_dim))
