@@ -1,0 +1,701 @@
+"""HRM language model: a prompt encoder (Mamba2 or Transformer), an HRM core that reasons over the
+encoder's token states, a gated bridge, and a causal Transformer decoder with cross-attention.
+
+Data flow for one example (B = batch, Lp = prompt length, Lt = target length, D = hidden size):
+
+    encoder_ids [B,Lp] --embed, encoder--> e [B,Lp,D]                        (sees the prompt only)
+    x = W_in e; z_H, z_L [B,Lp,D] <- H_init, L_init
+    for segment s = 1..halt_max_steps:                                       (HRM, as in the puzzle model)
+        H_cycles x L_cycles updates   z_L <- L(z_L, z_H + x),  z_H <- H(z_H, z_L)
+        (only the last L and H update of a segment is differentiated; the carry is detached between
+         segments), halting probability p_s = sigmoid(w . mean_valid(z_H))
+    g = gate_scale * sigmoid(W_g z_H)          [B,Lp,1] (per token) or [B,Lp,D] (per channel)
+    memory = [null ; e ; g * W_m z_H + (1 - g) * m_null]                     [B, 1 + 2Lp, D]
+    decoder_input_ids [B,Lt] --causal self-attn + cross-attn to memory--> logits [B,Lt,V]
+
+No leak: the encoder and the HRM core see only encoder_ids; decoder position t sees decoder inputs <= t,
+which are BOS + targets < t. gate_scale is a buffer the loss head sets from the optimizer step
+(hrm_gate_warmup_steps hold it at exactly 0, then an optional linear ramp), so during warmup the memory's
+HRM half is the learned null vector and the decoder output does not depend on the HRM core at all.
+
+Training runs every segment (deep supervision: the loss head puts a decoder loss on each segment's
+memory). Eval / generation halt per sequence once the running sum of p_s reaches halt_threshold; halted
+rows leave the batch, and the segment loop stops when every row has halted.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.hrm_lm.moe import MoEFeedForward
+from utils.schema import ConfigError, from_dict
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Blocks
+# ---------------------------------------------------------------------------------------------------
+
+def rms_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """RMSNorm without gain (the HRM core's post-norm), computed in fp32."""
+    dtype = x.dtype
+    x = x.float()
+    return (x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)).to(dtype)
+
+
+def linear(d_in: int, d_out: int, bias: bool = False) -> nn.Linear:
+    """nn.Linear; its weights are drawn later by HRMLanguageModel.reset_parameters (seeded generator)."""
+    return nn.Linear(d_in, d_out, bias=bias)
+
+
+def lecun_normal_(w: torch.Tensor, fan_in: int, generator: torch.Generator) -> torch.Tensor:
+    """Truncated (+-2 std) normal with std 1/sqrt(fan_in): the HRM init convention."""
+    std = 1.0 / math.sqrt(fan_in)
+    return nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std, generator=generator)
+
+
+class Rotary(nn.Module):
+    """RoPE with the half-split convention; angles computed on the fly for the positions asked for."""
+
+    def __init__(self, head_dim: int, base: float = 10000.0):
+        super().__init__()
+        self.register_buffer("inv_freq", base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim),
+                             persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = torch.outer(positions.float(), self.inv_freq)  # [L, d/2]
+        emb = torch.cat([freqs, freqs], dim=-1)  # [L, d]
+        return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, L, d]; cos/sin [L, d]."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated * sin).to(x.dtype)
+
+
+def key_padding_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """[B, Lk] bool (True = attend) -> SDPA mask [B, 1, 1, Lk]."""
+    return None if mask is None else mask[:, None, None, :]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, d_model: int, num_heads: int, causal: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = d_model // num_heads
+        self.causal = causal
+        self.qkv = linear(d_model, 3 * d_model)
+        self.o = linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                mask: torch.Tensor | None = None, cache: dict | None = None) -> torch.Tensor:
+        """x [B, L, D]. mask [B, L] (keys, non-causal only). cache: {"k","v"} [B, H, T, d] of earlier
+        positions (decoder generation: L = 1, so no causal mask is needed for the new query)."""
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            if "k" in cache:
+                k = torch.cat([cache["k"], k], dim=2)
+                v = torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+            if L != 1 and k.shape[2] != L:
+                raise ValueError("cached attention takes one new position at a time")
+        is_causal = self.causal and L > 1
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if is_causal else key_padding_mask(mask),
+                                             is_causal=is_causal)
+        return self.o(out.transpose(1, 2).reshape(B, L, D))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, d_model: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = d_model // num_heads
+        self.q = linear(d_model, d_model)
+        self.kv = linear(d_model, 2 * d_model)
+        self.o = linear(d_model, d_model)
+
+    def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """memory [B, M, D] -> k, v [B, H, M, d]; computed once per prompt during generation."""
+        B, M, _ = memory.shape
+        k, v = self.kv(memory).view(B, M, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def forward(self, x: torch.Tensor, memory_kv: tuple[torch.Tensor, torch.Tensor], memory_mask: torch.Tensor):
+        B, L, D = x.shape
+        q = self.q(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, *memory_kv, attn_mask=key_padding_mask(memory_mask))
+        return self.o(out.transpose(1, 2).reshape(B, L, D))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, expansion: float):
+        super().__init__()
+        inter = int(math.ceil(expansion * d_model * 2 / 3 / 32) * 32)
+        self.gate_up = linear(d_model, 2 * inter)
+        self.down = linear(inter, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class FeedForward(nn.Module):
+    """The encoder's FFN sublayer: dense SwiGLU or MoE; always returns (y, aux_loss, drop_frac)."""
+
+    def __init__(self, cfg: "HRMLanguageModelConfig"):
+        super().__init__()
+        D = cfg.hidden_size
+        if cfg.encoder_ffn == "moe":
+            self.ffn = MoEFeedForward(D, cfg.moe_num_experts, cfg.moe_top_k, cfg.moe_capacity_factor,
+                                      cfg.moe_ff_multiplier, cfg.moe_dropout)
+        else:
+            self.ffn = SwiGLU(D, cfg.expansion)
+
+    def forward(self, x, mask, generator=None):
+        if isinstance(self.ffn, MoEFeedForward):
+            return self.ffn(x, mask, generator)
+        zero = x.new_zeros((), dtype=torch.float32)
+        return self.ffn(x), zero, zero
+
+
+class TransformerEncoderBlock(nn.Module):
+    """Pre-norm bidirectional block over the prompt."""
+
+    def __init__(self, cfg: "HRMLanguageModelConfig"):
+        super().__init__()
+        D = cfg.hidden_size
+        self.norm1 = nn.RMSNorm(D, eps=cfg.rms_norm_eps)
+        self.attn = SelfAttention(D, cfg.num_heads, causal=False)
+        self.norm2 = nn.RMSNorm(D, eps=cfg.rms_norm_eps)
+        self.ffn = FeedForward(cfg)
+
+    def forward(self, x, mask, rope, generator=None):
+        x = x + self.attn(self.norm1(x), rope, mask)
+        y, aux, drop = self.ffn(self.norm2(x), mask, generator)
+        return x + y, aux, drop
+
+
+class MambaEncoderBlock(nn.Module):
+    """Pre-norm Mamba2 mixer with residual, then an optional FFN sublayer (dense or MoE)."""
+
+    def __init__(self, cfg: "HRMLanguageModelConfig", mamba_cls):
+        super().__init__()
+        D = cfg.hidden_size
+        self.norm1 = nn.RMSNorm(D, eps=cfg.rms_norm_eps)
+        self.mixer = mamba_cls(d_model=D, d_state=cfg.mamba_d_state, d_conv=cfg.mamba_d_conv,
+                               expand=cfg.mamba_expand, headdim=cfg.mamba_headdim, ngroups=cfg.mamba_ngroups,
+                               chunk_size=cfg.mamba_chunk_size)
+        self.has_ffn = cfg.encoder_ffn != "none"
+        if self.has_ffn:
+            self.norm2 = nn.RMSNorm(D, eps=cfg.rms_norm_eps)
+            self.ffn = FeedForward(cfg)
+
+    def forward(self, x, mask, rope, generator=None):
+        # Prompts are right-padded and the scan is causal, so padding never reaches a real position;
+        # zeroing it keeps padded states at exactly 0 regardless.
+        keep = mask.unsqueeze(-1).to(x.dtype)
+        x = x + self.mixer(self.norm1(x)) * keep
+        if not self.has_ffn:
+            zero = x.new_zeros((), dtype=torch.float32)
+            return x, zero, zero
+        y, aux, drop = self.ffn(self.norm2(x), mask, generator)
+        return x + y * keep, aux, drop
+
+
+class PromptEncoder(nn.Module):
+    """Encoder stack over the prompt tokens. `backend` names what really runs; it is logged, never guessed."""
+
+    def __init__(self, cfg: "HRMLanguageModelConfig"):
+        super().__init__()
+        if cfg.encoder == "mamba2":
+            try:
+                from models.mamba2 import Mamba2
+            except ImportError as e:
+                raise ConfigError(f"arch.encoder=mamba2 but models.mamba2.Mamba2 cannot be imported ({e}); "
+                                  "use arch.encoder=transformer") from None
+            self.layers = nn.ModuleList(MambaEncoderBlock(cfg, Mamba2) for _ in range(cfg.encoder_layers))
+            scan = getattr(self.layers[0].mixer, "backend", "unknown") if cfg.encoder_layers else "none"
+            self.backend = f"mamba2[{scan}]"
+            self.rotary = None
+        else:
+            self.layers = nn.ModuleList(TransformerEncoderBlock(cfg) for _ in range(cfg.encoder_layers))
+            self.backend = "transformer"
+            self.rotary = Rotary(cfg.hidden_size // cfg.num_heads, cfg.rope_theta)
+        if cfg.encoder_ffn == "moe":
+            self.backend += f"+moe(E={cfg.moe_num_experts},k={cfg.moe_top_k})"
+        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, generator=None):
+        """x [B, Lp, D] embedded prompt, mask [B, Lp] -> (states [B, Lp, D], moe aux mean, moe drop mean)."""
+        rope = self.rotary(torch.arange(x.shape[1], device=x.device)) if self.rotary is not None else None
+        aux_total = x.new_zeros((), dtype=torch.float32)
+        drop_total = x.new_zeros((), dtype=torch.float32)
+        for layer in self.layers:
+            x, aux, drop = layer(x, mask, rope, generator)
+            aux_total = aux_total + aux
+            drop_total = drop_total + drop
+        n = max(len(self.layers), 1)
+        return self.norm(x) * mask.unsqueeze(-1).to(x.dtype), aux_total / n, drop_total / n
+
+
+class HRMBlock(nn.Module):
+    """The puzzle HRM's post-norm block: h = norm(h + attn(h)); h = norm(h + mlp(h)); bidirectional."""
+
+    def __init__(self, cfg: "HRMLanguageModelConfig"):
+        super().__init__()
+        self.eps = cfg.rms_norm_eps
+        self.attn = SelfAttention(cfg.hidden_size, cfg.num_heads, causal=False)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.expansion)
+
+    def forward(self, h, mask, rope):
+        h = rms_norm(h + self.attn(h, rope, mask), self.eps)
+        return rms_norm(h + self.mlp(h), self.eps)
+
+
+class ReasoningModule(nn.Module):
+    def __init__(self, cfg: "HRMLanguageModelConfig", num_layers: int):
+        super().__init__()
+        self.layers = nn.ModuleList(HRMBlock(cfg) for _ in range(num_layers))
+
+    def forward(self, h, injection, mask, rope):
+        h = h + injection
+        for layer in self.layers:
+            h = layer(h, mask, rope)
+        return h
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, cfg: "HRMLanguageModelConfig"):
+        super().__init__()
+        D = cfg.hidden_size
+        self.norm1 = nn.RMSNorm(D, eps=cfg.rms_norm_eps)
+        self.self_attn = SelfAttention(D, cfg.num_heads, causal=True)
+        self.norm2 = nn.RMSNorm(D, eps=cfg.rms_norm_eps)
+        self.cross_attn = CrossAttention(D, cfg.num_heads)
+        self.norm3 = nn.RMSNorm(D, eps=cfg.rms_norm_eps)
+        self.mlp = SwiGLU(D, cfg.expansion)
+
+    def forward(self, x, rope, memory_kv, memory_mask, cache=None):
+        x = x + self.self_attn(self.norm1(x), rope, cache=cache)
+        x = x + self.cross_attn(self.norm2(x), memory_kv, memory_mask)
+        return x + self.mlp(self.norm3(x))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class HRMLanguageModelConfig:
+    vocab_size: int
+    # Injected by the trainer from the dataset metadata; seq_len/batch_size are informational here.
+    batch_size: int = 0
+    seq_len: int = 0
+    num_puzzle_identifiers: int = 0
+    pad_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+    max_prompt_len: int = 0  # longest prompt the model accepts at generation (0 = unlimited)
+
+    hidden_size: int = 256
+    num_heads: int = 4
+    expansion: float = 4.0
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+
+    # Encoder over the prompt
+    encoder: str = "mamba2"  # mamba2 | transformer
+    encoder_layers: int = 2
+    encoder_ffn: str = "swiglu"  # swiglu | moe | none (none: Mamba2 only)
+    mamba_d_state: int = 64
+    mamba_d_conv: int = 4
+    mamba_expand: int = 2
+    mamba_headdim: int = 32
+    mamba_ngroups: int = 1
+    mamba_chunk_size: int = 64
+    moe_num_experts: int = 4
+    moe_top_k: int = 1
+    moe_capacity_factor: float = 1.25
+    moe_ff_multiplier: float = 4.0
+    moe_dropout: float = 0.0
+    moe_aux_loss_weight: float = 0.01
+
+    # HRM core
+    H_layers: int = 2
+    L_layers: int = 2
+    H_cycles: int = 2
+    L_cycles: int = 2
+    halt_max_steps: int = 2
+    halt_threshold: float = 0.99  # inference: a row halts once sum of its halting probabilities >= this
+
+    # Gated bridge
+    gate_mode: str = "token"  # token: one gate per prompt token | channel: one per token and channel
+    gate_init_bias: float = 0.0
+    hrm_gate_warmup_steps: int = 0  # optimizer steps with the gate held at exactly 0
+    hrm_gate_ramp_steps: int = 0  # then a linear ramp of gate_scale from 0 to 1 over this many steps
+
+    # Decoder
+    decoder_layers: int = 2
+
+    # Training objectives (read by the loss head)
+    ds_weight: float = 0.1  # weight of each earlier segment's decoder loss; the final segment has weight 1
+    halting_weight: float = 0.01
+    halting_target: float = 1.0  # target of sum_s p_s
+    seed: int = 0  # seeds the MoE dropout generator
+
+
+def validate_config(c: HRMLanguageModelConfig) -> None:
+    def bad(key, msg):
+        raise ConfigError(f"config key 'arch.{key}' {msg}")
+
+    if c.vocab_size <= 0:
+        bad("vocab_size", f"must be > 0, got {c.vocab_size}")
+    if c.hidden_size % c.num_heads or (c.hidden_size // c.num_heads) % 2:
+        bad("num_heads", f"must divide hidden_size={c.hidden_size} into an even head size, got {c.num_heads}")
+    if c.encoder not in ("mamba2", "transformer"):
+        bad("encoder", f"must be 'mamba2' or 'transformer', got {c.encoder!r}")
+    if c.encoder_ffn not in ("swiglu", "moe", "none"):
+        bad("encoder_ffn", f"must be 'swiglu', 'moe' or 'none', got {c.encoder_ffn!r}")
+    if c.encoder_ffn == "none" and c.encoder != "mamba2":
+        bad("encoder_ffn", "'none' is only allowed with encoder=mamba2")
+    if c.encoder_ffn == "moe" and not 1 <= c.moe_top_k <= c.moe_num_experts:
+        bad("moe_top_k", f"must be in [1, moe_num_experts={c.moe_num_experts}], got {c.moe_top_k}")
+    if c.gate_mode not in ("token", "channel"):
+        bad("gate_mode", f"must be 'token' or 'channel', got {c.gate_mode!r}")
+    for key in ("H_cycles", "L_cycles", "halt_max_steps", "H_layers", "L_layers", "decoder_layers"):
+        if getattr(c, key) < 1:
+            bad(key, f"must be >= 1, got {getattr(c, key)}")
+    if not 0.0 <= c.moe_dropout < 1.0:
+        bad("moe_dropout", f"must be in [0, 1), got {c.moe_dropout}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------
+
+class HRMLanguageModel(nn.Module):
+    config_class = HRMLanguageModelConfig
+
+    def __init__(self, config_dict: dict, generator: torch.Generator | None = None):
+        super().__init__()
+        self.config = cfg = from_dict(HRMLanguageModelConfig, dict(config_dict), where="arch")
+        validate_config(cfg)
+        D = cfg.hidden_size
+        self.embed_scale = math.sqrt(D)
+        # Every initial weight comes from this generator (default: seeded by arch.seed); the modules' own
+        # default inits run inside fork_rng so that building the model leaves the global RNG untouched.
+        generator = generator if generator is not None else torch.Generator().manual_seed(cfg.seed)
+        with torch.random.fork_rng(devices=[]):
+            # Shared by encoder and decoder (one vocabulary).
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, D)
+            self.encoder = PromptEncoder(cfg)
+
+            # HRM core
+            self.rotary = Rotary(D // cfg.num_heads, cfg.rope_theta)
+            self.hrm_in = linear(D, D)
+            self.L_level = ReasoningModule(cfg, cfg.L_layers)
+            self.H_level = ReasoningModule(cfg, cfg.H_layers)
+            # Fixed (untrained) initial states, persistent so a checkpoint reproduces the same trajectory.
+            self.register_buffer("H_init", torch.empty(D))
+            self.register_buffer("L_init", torch.empty(D))
+            self.halt_head = linear(D, 1, bias=True)
+
+            # Gated bridge
+            self.gate_proj = linear(D, 1 if cfg.gate_mode == "token" else D, bias=True)
+            self.hrm_out = linear(D, D)
+            self.hrm_null = nn.Parameter(torch.empty(D))  # what a closed gate passes on
+            self.memory_null = nn.Parameter(torch.empty(D))  # always-valid memory slot
+            self.register_buffer("gate_scale", torch.tensor(0.0 if cfg.hrm_gate_warmup_steps > 0 else 1.0))
+
+            # Decoder
+            self.decoder_layers = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.decoder_layers))
+            self.decoder_norm = nn.RMSNorm(D, eps=cfg.rms_norm_eps)
+            self.lm_head = linear(D, cfg.vocab_size)
+        self.reset_parameters(generator)
+        log.info("HRMLanguageModel encoder backend: %s", self.encoder.backend)
+
+        self._dropout_generator: torch.Generator | None = None
+        self.num_segment_calls = 0  # segments run on at least one row (Python int; tests count compute)
+        self.num_segment_rows = 0  # sum over segment calls of the rows they processed
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        """Draw every weight from `generator`, in module order: Linear = truncated LeCun normal, zero bias;
+        embeddings std 1/sqrt(D) (times sqrt(D) at lookup = unit scale); RMSNorm gains 1; Mamba2 and MoE
+        use their own reset_parameters(generator). Then the special cases below."""
+        cfg = self.config
+        D = cfg.hidden_size
+
+        def visit(module: nn.Module) -> None:
+            if isinstance(module, MoEFeedForward) or type(module).__name__ == "Mamba2":
+                module.reset_parameters(generator)  # owns its children's init
+                return
+            if isinstance(module, nn.Linear):
+                lecun_normal_(module.weight, module.in_features, generator)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.Embedding):
+                lecun_normal_(module.weight, D, generator)
+            elif isinstance(module, nn.RMSNorm):
+                module.reset_parameters()
+            for child in module.children():
+                visit(child)
+
+        visit(self)
+        nn.init.trunc_normal_(self.H_init, std=1.0, a=-2.0, b=2.0, generator=generator)
+        nn.init.trunc_normal_(self.L_init, std=1.0, a=-2.0, b=2.0, generator=generator)
+        lecun_normal_(self.hrm_null, D, generator)
+        lecun_normal_(self.memory_null, D, generator)
+        # Halting head starts input-independent with p_s = 1/halt_max_steps, so sum_s p_s starts at 1.
+        self.halt_head.weight.zero_()
+        p0 = 1.0 / cfg.halt_max_steps
+        self.halt_head.bias.fill_(math.log(p0 / (1 - p0)) if p0 < 1 else 0.0)
+        self.gate_proj.bias.fill_(cfg.gate_init_bias)
+
+    # ---- schedule hooks -------------------------------------------------------------------------
+    def gate_scale_at(self, step: int) -> float:
+        c = self.config
+        if step < c.hrm_gate_warmup_steps:
+            return 0.0
+        if c.hrm_gate_ramp_steps <= 0:
+            return 1.0
+        return min(1.0, (step - c.hrm_gate_warmup_steps + 1) / c.hrm_gate_ramp_steps)
+
+    def set_gate_schedule(self, step: int) -> None:
+        self.gate_scale.fill_(self.gate_scale_at(step))
+
+    # ---- pieces ---------------------------------------------------------------------------------
+    def _generator(self, device) -> torch.Generator | None:
+        if not (self.training and self.config.encoder_ffn == "moe" and self.config.moe_dropout > 0):
+            return None
+        if self._dropout_generator is None or self._dropout_generator.device != torch.device(device):
+            self._dropout_generator = torch.Generator(device=device).manual_seed(self.config.seed)
+        return self._dropout_generator
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(ids) * self.embed_scale
+
+    def encode(self, encoder_ids: torch.Tensor, encoder_mask: torch.Tensor):
+        """-> (states [B,Lp,D], key mask [B,Lp], moe aux, moe drop). The key mask marks position 0 valid in
+        an empty prompt so that attention never sees a row without keys (that row's states are zeros)."""
+        mask = encoder_mask.bool()
+        key_mask = mask.clone()
+        key_mask[:, 0] |= ~mask.any(-1)
+        states, aux, drop = self.encoder(self.embed(encoder_ids), key_mask, self._generator(encoder_ids.device))
+        return states, key_mask, aux, drop
+
+    def initial_state(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = x.shape
+        return self.H_init.to(x.dtype).expand(shape).clone(), self.L_init.to(x.dtype).expand(shape).clone()
+
+    def hrm_segment(self, z_H, z_L, x, mask, rope):
+        """One segment: H_cycles*L_cycles L-updates and H_cycles H-updates; only the last L and H update
+        carry gradient (HRM's 1-step approximation). Inputs must be detached carries."""
+        c = self.config
+        self.num_segment_calls += 1
+        self.num_segment_rows += z_H.shape[0]
+        with torch.no_grad():
+            for i in range(c.H_cycles):
+                for j in range(c.L_cycles):
+                    if i == c.H_cycles - 1 and j == c.L_cycles - 1:
+                        break
+                    z_L = self.L_level(z_L, z_H + x, mask, rope)
+                if i != c.H_cycles - 1:
+                    z_H = self.H_level(z_H, z_L, mask, rope)
+        z_L = self.L_level(z_L, z_H + x, mask, rope)
+        z_H = self.H_level(z_H, z_L, mask, rope)
+        return z_H, z_L
+
+    def halt_prob(self, z_H: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        w = mask.unsqueeze(-1).to(z_H.dtype)
+        pooled = (z_H * w).sum(1) / w.sum(1).clamp_min(1.0)
+        return torch.sigmoid(self.halt_head(pooled).float().squeeze(-1))  # [B]
+
+    def bridge(self, enc_states, z_H, key_mask):
+        """-> memory [B, 1+2Lp, D], memory mask [B, 1+2Lp], effective gate [B, Lp, 1|D]."""
+        gate = self.gate_scale.to(z_H.dtype) * torch.sigmoid(self.gate_proj(z_H))
+        hrm_mem = gate * self.hrm_out(z_H) + (1.0 - gate) * self.hrm_null.to(z_H.dtype)
+        B = enc_states.shape[0]
+        null = self.memory_null.to(enc_states.dtype).expand(B, 1, -1)
+        memory = torch.cat([null, enc_states, hrm_mem], dim=1)
+        ones = torch.ones(B, 1, dtype=torch.bool, device=key_mask.device)
+        return memory, torch.cat([ones, key_mask, key_mask], dim=1), gate
+
+    def memory_kv(self, memory):
+        return [layer.cross_attn.project_memory(memory) for layer in self.decoder_layers]
+
+    def decode(self, decoder_input_ids, memory_kv, memory_mask, caches=None, start_pos: int = 0):
+        """decoder_input_ids [B, Lt] -> logits [B, Lt, V] (float32)."""
+        h = self.embed(decoder_input_ids)
+        rope = self.rotary(torch.arange(start_pos, start_pos + h.shape[1], device=h.device))
+        for i, layer in enumerate(self.decoder_layers):
+            h = layer(h, rope, memory_kv[i], memory_mask, None if caches is None else caches[i])
+        return self.lm_head(self.decoder_norm(h)).float()
+
+    @staticmethod
+    def gate_stats(gate: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Means over valid prompt tokens (and channels); saturation = share of gates < 0.05 or > 0.95."""
+        g = gate.float()
+        m = mask.unsqueeze(-1).expand_as(g)
+        n = m.sum().clamp_min(1)
+        inf = torch.tensor(float("inf"), device=g.device)
+        return {
+            "gate/mean": (g * m).sum() / n,
+            "gate/min": torch.where(m, g, inf).amin(),
+            "gate/max": torch.where(m, g, -inf).amax(),
+            "gate/saturation": (((g < 0.05) | (g > 0.95)) & m).sum() / n,
+        }
+
+    # ---- full passes ----------------------------------------------------------------------------
+    def forward(self, encoder_ids, encoder_mask, decoder_input_ids, decoder_mask=None, **_unused) -> dict:
+        """Training (self.training): every segment runs; returns per-segment logits for deep supervision.
+        Eval: per-row adaptive halting, one decoder pass on each row's final memory.
+
+        Returns a dict with logits [B,Lt,V] (final), segment_logits (list, training; last = logits),
+        halt_probs [B, S], steps [B] (segments each row ran), gate stats, moe_aux, moe_drop,
+        encoder_states [B,Lp,D]."""
+        if self.training:
+            return self._forward_train(encoder_ids, encoder_mask, decoder_input_ids)
+        enc, key_mask, aux, drop = self.encode(encoder_ids, encoder_mask)
+        z_H, halt_probs, steps = self.reason_adaptive(enc, key_mask)
+        memory, mem_mask, gate = self.bridge(enc, z_H, key_mask)
+        logits = self.decode(decoder_input_ids, self.memory_kv(memory), mem_mask)
+        return dict(logits=logits, halt_probs=halt_probs, steps=steps, moe_aux=aux, moe_drop=drop,
+                    encoder_states=enc, **self.gate_stats(gate, key_mask))
+
+    def _forward_train(self, encoder_ids, encoder_mask, decoder_input_ids) -> dict:
+        c = self.config
+        enc, key_mask, aux, drop = self.encode(encoder_ids, encoder_mask)
+        x = self.hrm_in(enc)
+        rope = self.rotary(torch.arange(enc.shape[1], device=enc.device))
+        z_H, z_L = self.initial_state(enc)
+        segment_logits, halt_probs = [], []
+        for s in range(c.halt_max_steps):
+            z_H, z_L = self.hrm_segment(z_H.detach(), z_L.detach(), x, key_mask, rope)
+            halt_probs.append(self.halt_prob(z_H, key_mask))
+            last = s == c.halt_max_steps - 1
+            if last or c.ds_weight > 0:
+                # Deep-supervision passes go through the same gate as the final one.
+                memory, mem_mask, gate = self.bridge(enc, z_H, key_mask)
+                segment_logits.append(self.decode(decoder_input_ids, self.memory_kv(memory), mem_mask))
+        steps = torch.full((enc.shape[0],), c.halt_max_steps, device=enc.device)
+        return dict(logits=segment_logits[-1], segment_logits=segment_logits, halt_probs=torch.stack(halt_probs, 1),
+                    steps=steps, moe_aux=aux, moe_drop=drop, encoder_states=enc, **self.gate_stats(gate, key_mask))
+
+    @torch.no_grad()
+    def reason_adaptive(self, enc: torch.Tensor, key_mask: torch.Tensor):
+        """Inference HRM loop with per-row halting: a row stops after the segment where its running sum of
+        halting probabilities reaches halt_threshold (or at halt_max_steps). Only still-running rows are
+        computed, and the loop ends when none is left (one host sync per segment, inference only).
+        -> final z_H [B,Lp,D], halt_probs [B, halt_max_steps] (0 after halting), steps [B]."""
+        c = self.config
+        B = enc.shape[0]
+        x = self.hrm_in(enc)
+        rope = self.rotary(torch.arange(enc.shape[1], device=enc.device))
+        z_H, z_L = self.initial_state(enc)
+        final_H = z_H.clone()
+        halt_probs = enc.new_zeros(B, c.halt_max_steps, dtype=torch.float32)
+        steps = torch.zeros(B, dtype=torch.long, device=enc.device)
+        cum = enc.new_zeros(B, dtype=torch.float32)
+        active = torch.arange(B, device=enc.device)
+        for s in range(c.halt_max_steps):
+            m = key_mask[active]
+            h, l = self.hrm_segment(z_H[active], z_L[active], x[active], m, rope)
+            p = self.halt_prob(h, m)
+            z_H[active], z_L[active] = h, l
+            halt_probs[active, s] = p
+            cum[active] += p
+            steps[active] = s + 1
+            done = (cum[active] >= c.halt_threshold) | (s == c.halt_max_steps - 1)
+            final_H[active[done]] = h[done]
+            active = active[~done]
+            if active.numel() == 0:
+                break
+        return final_H, halt_probs, steps
+
+    # ---- generation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def prepare_generation(self, encoder_ids: torch.Tensor, encoder_mask: torch.Tensor) -> dict:
+        """Encode the prompt, reason with adaptive halting, project the memory for every decoder layer."""
+        enc, key_mask, _, _ = self.encode(encoder_ids, encoder_mask)
+        z_H, halt_probs, steps = self.reason_adaptive(enc, key_mask)
+        memory, mem_mask, gate = self.bridge(enc, z_H, key_mask)
+        return dict(memory_kv=self.memory_kv(memory), memory_mask=mem_mask, caches=[{} for _ in self.decoder_layers],
+                    pos=0, steps=steps, gate_mean=self.gate_stats(gate, key_mask)["gate/mean"])
+
+    @torch.no_grad()
+    def decode_step(self, tokens: torch.Tensor, state: dict) -> torch.Tensor:
+        """tokens [B] (the newest decoder input) -> next-token logits [B, V]; updates the KV caches."""
+        logits = self.decode(tokens[:, None], state["memory_kv"], state["memory_mask"], state["caches"], state["pos"])
+        state["pos"] += 1
+        return logits[:, -1]
+
+    @torch.no_grad()
+    def generate(self, encoder_ids: torch.Tensor, encoder_mask: torch.Tensor, max_new_tokens: int,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
+                 generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+        """Yield the next token [B] for each step, starting from BOS; stops early once every row emitted EOS
+        (rows that finished keep emitting EOS)."""
+        state = self.prepare_generation(encoder_ids, encoder_mask)
+        B = encoder_ids.shape[0]
+        tok = torch.full((B,), self.config.bos_id, dtype=torch.long, device=encoder_ids.device)
+        finished = torch.zeros(B, dtype=torch.bool, device=encoder_ids.device)
+        for _ in range(max_new_tokens):
+            logits = self.decode_step(tok, state)
+            tok = sample_next(logits, temperature, top_k, top_p, greedy, generator)
+            tok = torch.where(finished, torch.full_like(tok, self.config.eos_id), tok)
+            finished |= tok == self.config.eos_id
+            yield tok
+            if bool(finished.all()):
+                break
+
+    def estimate_flops(self, batch_size: int) -> float:
+        """Rough FLOPs of one training step: 6 * params * tokens for the encoder and decoder (fwd + bwd),
+        plus, per segment, 2 FLOPs/param/token forward for the no-grad HRM updates and 6 for the two
+        differentiated ones. Attention score FLOPs are ignored. Token counts use seq_len for both sides."""
+        c = self.config
+        L = max(c.seq_len, 1)
+
+        def params(m):
+            return sum(p.numel() for p in m.parameters())
+
+        enc = params(self.encoder) + params(self.embed_tokens)
+        dec = params(self.decoder_layers) + params(self.lm_head)
+        per_L, per_H = params(self.L_level), params(self.H_level)
+        nograd = (c.H_cycles * c.L_cycles - 1) * per_L + (c.H_cycles - 1) * per_H
+        dec_passes = c.halt_max_steps if c.ds_weight > 0 else 1
+        per_token = 6 * enc + dec_passes * 6 * dec + c.halt_max_steps * (2 * nograd + 6 * (per_L + per_H))
+        return float(per_token * L * batch_size)
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                greedy: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]. greedy (or temperature 0) = argmax; otherwise temperature, then top-k,
+    then nucleus (top-p) filtering, and a draw from the explicit generator."""
+    if greedy or temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the mass before it already reaches top_p (the top token always stays).
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
