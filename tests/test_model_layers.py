@@ -1,0 +1,123 @@
+"""Building blocks: init statistics, widths, norm, RoPE, attention against a plain softmax reference."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.common import trunc_normal_init_
+from models.layers import (Attention, CastedEmbedding, CastedLinear, RotaryEmbedding, SwiGLU, apply_rotary_pos_emb,
+                           resolve_attn_backend, rms_norm, swiglu_intermediate_size)
+
+
+def test_trunc_normal_has_requested_std_and_jax_clip():
+    g = torch.Generator().manual_seed(0)
+    x = trunc_normal_init_(torch.empty(400_000), std=0.5, generator=g)
+    assert abs(x.std().item() - 0.5) < 0.003
+    assert abs(x.mean().item()) < 0.003
+    # Truncation at +-2 sd of the underlying normal, rescaled by 1/0.8796 -> about +-2.274*std.
+    assert x.abs().max().item() <= 2.0 * 0.5 / 0.87962566 + 1e-6
+    assert x.abs().max().item() > 2.2 * 0.5
+    assert torch.all(trunc_normal_init_(torch.ones(10), std=0) == 0)
+
+
+def test_trunc_normal_same_seed_same_values_and_global_rng_untouched():
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    a = trunc_normal_init_(torch.empty(100), std=1, generator=torch.Generator().manual_seed(7))
+    after = torch.rand(3)
+    b = trunc_normal_init_(torch.empty(100), std=1, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("hidden,expected", [(512, 1536), (128, 512), (256, 768)])
+def test_swiglu_width_rule(hidden, expected):
+    assert swiglu_intermediate_size(hidden, 4) == expected
+    mlp = SwiGLU(hidden, 4)
+    assert mlp.gate_up_proj.weight.shape == (2 * expected, hidden)
+    assert mlp.down_proj.weight.shape == (hidden, expected)
+
+
+def test_casted_linear_init_and_cast():
+    g = torch.Generator().manual_seed(0)
+    lin = CastedLinear(256, 512, bias=True, generator=g)
+    assert lin.weight.dtype == torch.float32
+    assert abs(lin.weight.std().item() - 1 / 16) < 0.002  # LeCun: 1/sqrt(fan_in)
+    assert torch.all(lin.bias == 0)
+    x = torch.randn(4, 256, generator=g).bfloat16()
+    y = lin(x)
+    assert y.dtype == torch.bfloat16
+    ref = F.linear(x, lin.weight.bfloat16(), lin.bias.bfloat16())
+    assert torch.equal(y, ref)
+    emb = CastedEmbedding(11, 8, init_std=0.1, cast_to=torch.bfloat16, generator=g)
+    ids = torch.tensor([[0, 3, 10]])
+    assert torch.equal(emb(ids), emb.embedding_weight.bfloat16()[ids])
+
+
+def test_rms_norm_without_gain():
+    x = torch.tensor([[3.0, 4.0]])
+    y = rms_norm(x, eps=0.0)
+    assert torch.allclose(y, x / math.sqrt(12.5))
+    yb = rms_norm(x.bfloat16(), eps=1e-5)
+    assert yb.dtype == torch.bfloat16
+
+
+def test_rope_tables_and_relative_positions():
+    rope = RotaryEmbedding(dim=8, max_position_embeddings=10, base=10000.0)
+    cos, sin = rope()
+    assert cos.shape == (10, 8) and cos.dtype == torch.float32
+    assert "cos_cached" not in rope.state_dict()  # not persistent
+    inv = 1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8))
+    assert torch.allclose(cos[3, :4], torch.cos(3 * inv)) and torch.allclose(cos[3, 4:], torch.cos(3 * inv))
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, 1, 8, generator=g).expand(1, 10, 1, 8)
+    k = torch.randn(1, 1, 1, 8, generator=g).expand(1, 10, 1, 8)
+    qr, kr = apply_rotary_pos_emb(q, k, cos, sin)
+    # Rotation keeps norms, and q_i . k_j depends only on i - j.
+    assert torch.allclose(qr.norm(dim=-1), q.norm(dim=-1), atol=1e-5)
+    dots = torch.einsum("bihd,bjhd->ij", qr, kr)
+    assert torch.allclose(dots[2, 0], dots[7, 5], atol=1e-5)
+    assert torch.allclose(dots[1, 4], dots[5, 8], atol=1e-5)
+
+
+def test_attention_sdpa_matches_plain_softmax_reference():
+    g = torch.Generator().manual_seed(0)
+    attn = Attention(hidden_size=32, head_dim=8, num_heads=4, num_key_value_heads=4, backend="sdpa", generator=g)
+    x = torch.randn(2, 6, 32, generator=g)
+    cos, sin = RotaryEmbedding(8, 6, 10000.0)()
+    out = attn(x, cos_sin=(cos, sin))
+
+    qkv = F.linear(x, attn.qkv_proj.weight).view(2, 6, 12, 8)
+    q, k, v = qkv[:, :, :4], qkv[:, :, 4:8], qkv[:, :, 8:]
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(8)  # non-causal: every position sees all
+    ref = torch.einsum("bhij,bjhd->bihd", scores.softmax(-1), v).reshape(2, 6, 32)
+    ref = F.linear(ref, attn.o_proj.weight)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_attention_backend_choice_is_explicit():
+    assert resolve_attn_backend("sdpa", "cpu") == "sdpa"
+    assert resolve_attn_backend("auto", "cpu") == "sdpa"
+    with pytest.raises(ValueError):
+        resolve_attn_backend("xformers", "cpu")
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="flash"):
+            resolve_attn_backend("flash", "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_flash_and_sdpa_agree_on_gpu():
+    g = torch.Generator().manual_seed(0)
+    attn = Attention(64, 32, 2, 2, backend="auto", generator=g).cuda()
+    x = torch.randn(4, 20, 64, generator=g).cuda().bfloat16()
+    cos, sin = RotaryEmbedding(32, 20, 10000.0).cuda()()
+    out_auto = attn(x, cos_sin=(cos, sin))
+    attn_sdpa = Attention(64, 32, 2, 2, backend="sdpa").cuda()
+    attn_sdpa.load_state_dict(attn.state_dict())
+    out_sdpa = attn_sdpa(x, cos_sin=(cos, sin))
+    assert torch.allclose(out_auto.float(), out_sdpa.float(), atol=2e-2)
