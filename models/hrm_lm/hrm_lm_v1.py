@@ -547,7 +547,7 @@ class HRMLanguageModel(nn.Module):
     @staticmethod
     def gate_stats(gate: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Means over valid prompt tokens (and channels); saturation = share of gates < 0.05 or > 0.95."""
-        g = gate.float()
+        g = gate.detach().float()
         m = mask.unsqueeze(-1).expand_as(g)
         n = m.sum().clamp_min(1)
         inf = torch.tensor(float("inf"), device=g.device)
