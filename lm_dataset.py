@@ -13,6 +13,9 @@ only (drop-last); rank r takes rows [r*B, (r+1)*B) of each global batch. Each `i
 of the current block of `epochs_per_iter` epochs (epochs [k*E, (k+1)*E)), so a resumed run keeps the
 same evaluation grid. Validation/test: one sequential pass per `iter()`; the last window is padded with
 empty rows (all masks False, labels -100) and reports its real size as `global_effective_batch_size`.
+
+Loaders: `create_dataloader` here (prefetching thread) or puzzle_dataset.create_dataloader (worker
+process); LMDataset implements the protocol of both, and both resume exactly from `state_dict()`.
 """
 from __future__ import annotations
 
@@ -78,9 +81,18 @@ class LMSplit:
                 raise LMDataError(f"{d}/{off_name}.npy: offsets span [{off[0]}, {off[-1]}] but "
                                   f"{tok_name}.npy holds {tok.shape[0]} tokens")
         self.count = n
+        self._init_args = (dataset_path, split, meta)
         # Small per-example index (2 x int64 per example) in RAM; token arrays stay on disk.
-        self.p_off = np.asarray(self.prompt_offsets)
-        self.t_off = np.asarray(self.target_offsets)
+        self.p_off = np.array(self.prompt_offsets)
+        self.t_off = np.array(self.target_offsets)
+
+    # Pickled (for a DataLoader worker process) as its path: the worker re-opens the memmaps instead of
+    # receiving a copy of the token arrays.
+    def __getstate__(self):
+        return {"init_args": self._init_args}
+
+    def __setstate__(self, state):
+        self.__init__(*state["init_args"])
 
     def __len__(self) -> int:
         return self.count
@@ -263,6 +275,25 @@ class LMDataset(torch.utils.data.IterableDataset):
                 nxt = {"epoch": e, "batch": b + 1} if b + 1 < nb else {"epoch": e + 1, "batch": 0}
                 yield ("all", self._collate(rows), G), nxt
 
+    # ---- iteration, and the protocol of puzzle_dataset.PuzzleDataLoader ------------------------------
+    def iter_with_positions(self):
+        """((set_name, batch, global_effective_batch_size), position after it), from the current position."""
+        return self._generate(self.state_dict())
+
+    def end_position(self) -> dict:
+        """Position after the last batch of the current iteration window (called once a pass is done).
+        At a window boundary it is that boundary, so calling it after a completed pass moves nothing."""
+        if self.config.test_set_mode:
+            return {"batch": 0}
+        epi, (e, b) = self.config.epochs_per_iter, (self._state["epoch"], self._state["batch"])
+        if b == 0 and e % epi == 0:
+            return {"epoch": e, "batch": 0}
+        return {"epoch": (e // epi + 1) * epi, "batch": 0}
+
+    def __len__(self) -> int:
+        """Batches per `iter()` from the start of an iteration window (for progress bars)."""
+        return self.batches_per_epoch * (1 if self.config.test_set_mode else self.config.epochs_per_iter)
+
     def __iter__(self):
         for item, nxt in self._generate(self.state_dict()):
             self._state = nxt
@@ -278,6 +309,7 @@ class LMDataLoader:
     """
 
     def __init__(self, dataset: LMDataset, prefetch: int = 8, num_workers: int = 1):
+        # A thread, not a process: batches are cheap gathers from memmaps, and nothing gets pickled.
         if num_workers not in (0, 1):
             raise LMDataError(f"LMDataLoader supports num_workers 0 or 1, got {num_workers}")
         self.dataset, self.prefetch, self.num_workers = dataset, max(1, prefetch), num_workers
@@ -285,6 +317,9 @@ class LMDataLoader:
     @property
     def metadata(self) -> LMDatasetMetadata:
         return self.dataset.metadata
+
+    def __len__(self) -> int:
+        return len(self.dataset)
 
     def state_dict(self) -> dict:
         return self.dataset.state_dict()

@@ -13,13 +13,16 @@ from typing import Iterable, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from dataset.common import DatasetError
+
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN)  # ids 0, 1, 2, 3 in trained tokenizers
 IGNORE_LABEL_ID = -100  # same value as models.losses.IGNORE_LABEL_ID
 
 
-class LMDataError(ValueError):
-    """A user-facing, one-line problem with LM data (corpus, tokenizer, prepared dataset)."""
+class LMDataError(DatasetError):
+    """A user-facing, one-line problem with LM data (corpus, tokenizer, prepared dataset). A DatasetError,
+    so code that reports puzzle-data errors reports these the same way."""
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2,

@@ -117,3 +117,25 @@ def test_truncation_and_bad_config(tiny):
     ds = LMDataset(cfg(tiny), "train")
     with pytest.raises(LMDataError, match="state must be"):
         ds.load_state_dict({"batch": 1})
+
+
+def test_puzzle_dataloader_protocol(tiny):
+    """DATA's process-based loader runs an LMDataset too (pickled as paths), with the same exact resume."""
+    import pickle
+
+    from puzzle_dataset import create_dataloader as create_puzzle_dataloader
+
+    ds = LMDataset(cfg(tiny, epochs_per_iter=2), "train")
+    assert len(pickle.dumps(ds)) < 4000  # no token arrays inside
+    ref = [b["encoder_ids"][:, 0].tolist() for _, b, _ in LMDataset(cfg(tiny, epochs_per_iter=2), "train")]
+    loader = create_puzzle_dataloader(ds, prefetch=2, num_workers=1)
+    assert len(loader) == 4
+    got = []
+    for _, b, _ in loader:
+        got.append(b["encoder_ids"][:, 0].tolist())
+        if len(got) == 1:
+            break
+    resumed = create_puzzle_dataloader(LMDataset(cfg(tiny, epochs_per_iter=2), "train"), num_workers=1)
+    resumed.load_state_dict(loader.state_dict())
+    got += [b["encoder_ids"][:, 0].tolist() for _, b, _ in resumed]
+    assert got == ref and resumed.state_dict() == {"epoch": 2, "batch": 0}
