@@ -189,16 +189,18 @@ class PuzzleDataset(IterableDataset):
                     yield (sets[si], batch, gb), nxt
 
     def end_position(self) -> dict:
+        """Where the current iteration window ends (train) or restarts (test); call before iterating."""
         if self.config.test_set_mode:
             return {"epoch": 0, "set_index": 0, "batch": 0}
         epi = self.config.epochs_per_iter
         return {"epoch": (self._epoch // epi + 1) * epi, "set_index": 0, "batch": 0}
 
     def __iter__(self):
+        end = self.end_position()
         for item, nxt in self.iter_with_positions():
             self.load_state_dict(nxt)
             yield item
-        self.load_state_dict(self.end_position())
+        self.load_state_dict(end)
 
     def state_dict(self) -> dict:
         return {"epoch": self._epoch, "set_index": self._set_index, "batch": self._batch}
@@ -245,6 +247,7 @@ class PuzzleDataLoader:
             return
         loader = DataLoader(_PositionedStream(self.dataset), batch_size=None, num_workers=1, prefetch_factor=self.prefetch,
                             pin_memory=torch.cuda.is_available(), persistent_workers=False)
+        end = self.dataset.end_position()
         finished = False
         try:
             for item, nxt in loader:
@@ -254,7 +257,7 @@ class PuzzleDataLoader:
         finally:
             del loader  # stops the worker if the consumer broke off early
         if finished:
-            self.dataset.load_state_dict(self.dataset.end_position())
+            self.dataset.load_state_dict(end)
 
     def state_dict(self) -> dict:
         return self.dataset.state_dict()

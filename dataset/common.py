@@ -277,7 +277,7 @@ def _load_npy(path: Path) -> np.ndarray:
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as e:
-        if "allow_pickle" in str(e) or "Object arrays" in str(e):
+        if "allow_pickle" in str(e) or "Object arrays" in str(e) or "Python objects" in str(e):
             raise DatasetError(f"{path}: holds Python objects; expected a plain integer array") from None
         raise DatasetError(f"{path}: unreadable .npy ({e})") from None
     except OSError as e:
