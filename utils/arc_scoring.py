@@ -1,0 +1,116 @@
+"""ARC scoring: undo each augmentation, vote across augmentations, pass@K, ARC-Prize submission.
+
+Rules (those of the original's arc_eval notebook):
+- every prediction (argmax tokens of one test input of one augmented variant) is cropped to its grid and
+  de-augmented (inverse dihedral transform, then inverse colour map);
+- candidates for one test input (task, de-augmented input grid) are ranked by vote count, then by the
+  mean sigmoid(q_halt) confidence of the votes;
+- a test input is right at K if its true output is among the top K candidates; a task counts only if ALL
+  its test inputs are right; pass@K = solved tasks / tasks.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dataset.common import arc_grid_from_tokens, invert_arc_augmentation, parse_arc_identifier
+
+DEFAULT_KS = (1, 2, 10)
+
+
+def _key(grid: np.ndarray) -> tuple:
+    grid = np.asarray(grid)
+    return (grid.shape, grid.astype(np.int64).tobytes())
+
+
+@dataclass
+class Candidate:
+    grid: np.ndarray
+    votes: int = 0
+    q_sum: float = 0.0
+
+    @property
+    def q_mean(self) -> float:
+        return self.q_sum / max(self.votes, 1)
+
+
+@dataclass
+class TestInput:
+    """One test input of one task: its true output (from the un-augmented copy) and the votes."""
+    order: int
+    label: np.ndarray | None = None
+    candidates: dict = field(default_factory=dict)
+
+    def ranked(self) -> list[Candidate]:
+        return sorted(self.candidates.values(), key=lambda c: (-c.votes, -c.q_mean))
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
+
+
+def vote(inputs: np.ndarray, labels: np.ndarray, preds: np.ndarray, puzzle_identifiers: np.ndarray,
+         q_halt_logits: np.ndarray, identifiers: list[str]) -> dict[str, dict[tuple, TestInput]]:
+    """Group de-augmented predictions by (task, input). Arrays are row-aligned token arrays [N, 900]
+    (labels may hold -100 for ignored cells); rows with puzzle id 0 (blank/padding) are skipped."""
+    tasks: dict[str, dict[tuple, TestInput]] = defaultdict(dict)
+    confidence = _sigmoid(q_halt_logits)
+    n_order = 0
+    for i in range(len(puzzle_identifiers)):
+        pid = int(puzzle_identifiers[i])
+        if pid == 0:
+            continue
+        name = identifiers[pid]
+        task, _, _ = parse_arc_identifier(name)
+        inp = invert_arc_augmentation(arc_grid_from_tokens(inputs[i]), name)
+        ti = tasks[task].get(_key(inp))
+        if ti is None:
+            ti = tasks[task][_key(inp)] = TestInput(order=n_order)
+            n_order += 1
+        if ti.label is None:
+            lab = np.where(np.asarray(labels[i]) < 0, 0, labels[i])  # -100 (ignored) reads as PAD
+            ti.label = invert_arc_augmentation(arc_grid_from_tokens(lab), name)
+        pred = invert_arc_augmentation(arc_grid_from_tokens(preds[i]), name)
+        cand = ti.candidates.get(_key(pred))
+        if cand is None:
+            cand = ti.candidates[_key(pred)] = Candidate(grid=pred)
+        cand.votes += 1
+        cand.q_sum += float(confidence[i])
+    return tasks
+
+
+def pass_at_k(tasks: dict[str, dict[tuple, TestInput]], ks=DEFAULT_KS) -> dict[str, float]:
+    out = {}
+    for k in ks:
+        solved = 0
+        for inputs in tasks.values():
+            ok = all(ti.label is not None and any(_key(c.grid) == _key(ti.label) for c in ti.ranked()[:k])
+                     for ti in inputs.values())
+            solved += int(ok and len(inputs) > 0)
+        out[f"pass@{k}"] = solved / max(len(tasks), 1)
+    out["num_tasks"] = float(len(tasks))
+    return out
+
+
+def submission(tasks: dict[str, dict[tuple, TestInput]], attempts: int = 2) -> dict:
+    """ARC-Prize format: {task_id: [{"attempt_1": grid, "attempt_2": grid}, ...]} per test input."""
+    out = {}
+    for task, inputs in sorted(tasks.items()):
+        rows = []
+        for ti in sorted(inputs.values(), key=lambda t: t.order):
+            ranked = ti.ranked()
+            entry = {}
+            for a in range(attempts):
+                grid = ranked[min(a, len(ranked) - 1)].grid if ranked else np.zeros((1, 1), np.int64)
+                entry[f"attempt_{a + 1}"] = np.asarray(grid).astype(int).tolist()
+            rows.append(entry)
+        out[task] = rows
+    return out
+
+
+def load_identifiers(data_path: str) -> list[str]:
+    with open(f"{data_path}/identifiers.json") as f:
+        return json.load(f)

@@ -1,0 +1,306 @@
+"""Checkpoints: `<checkpoint_path>/step_N/{model.safetensors, train_state.pt, config.yaml}`.
+
+- `model.safetensors`: the loss head's state_dict with the original's names (`model.inner.…`), no
+  `_orig_mod.` prefix, so it loads into the original code too.
+- `train_state.pt`: everything else needed for an exact resume (optimizers, schedulers, step, data
+  position, ACT carry and RNG states of every rank), as plain containers of tensors/numbers, so it
+  loads with `torch.load(weights_only=True)`. Files holding pickled objects are refused, never run.
+- `config.yaml`: the resolved config, arch keys injected from the dataset included, so the model can
+  be rebuilt from the checkpoint alone.
+
+Writes are atomic: a temp dir next to the target, fsync, then rename. A kill at any moment leaves the
+previous checkpoint intact and never a half-written `step_N`."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STEP_RE = re.compile(r"^step_(\d+)$")
+WEIGHTS_FILE = "model.safetensors"
+STATE_FILE = "train_state.pt"
+CONFIG_FILE = "config.yaml"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (missing, refused, shapes that do not fit). One-line message."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Directory handling
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Fail early (before training) if checkpoints could not be written under `path`."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-probe-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f"checkpoint dir '{path}' is not writable ({e.strerror or e})") from None
+
+
+def list_step_dirs(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete `step_N` checkpoints under run_dir, oldest first (temp dirs are never named step_N)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    out = []
+    for p in run_dir.iterdir():
+        m = STEP_RE.match(p.name)
+        if m and p.is_dir() and (p / WEIGHTS_FILE).is_file() and (p / STATE_FILE).is_file():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    dirs = list_step_dirs(run_dir)
+    return dirs[-1][1] if dirs else None
+
+
+def remove_stale_temps(run_dir: str | os.PathLike) -> None:
+    """Temp dirs left by a killed writer."""
+    run_dir = Path(run_dir)
+    if run_dir.is_dir():
+        for p in run_dir.iterdir():
+            if p.name.startswith(".tmp-") and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(run_dir: str | os.PathLike, name: str, weights: dict[str, torch.Tensor],
+                    train_state: dict | None, config_yaml: str, extra_files: dict[str, str] | None = None) -> Path:
+    """Write `<run_dir>/<name>/` atomically and return its path."""
+    from safetensors.torch import save_file
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = run_dir / name
+    tmp = run_dir / f".tmp-{name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if train_state is not None:
+            torch.save(train_state, tmp / STATE_FILE)
+        (tmp / CONFIG_FILE).write_text(config_yaml)
+        for fname, text in (extra_files or {}).items():
+            (tmp / fname).write_text(text)
+        for p in tmp.iterdir():
+            _fsync_file(p)
+        _fsync_dir(tmp)
+        if final.exists():
+            old = run_dir / f".tmp-old-{name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(run_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # Ctrl-C or a full disk: nothing partial stays behind
+        raise
+    return final
+
+
+def rotate_checkpoints(run_dir: str | os.PathLike, limit: int) -> list[Path]:
+    """Delete all but the newest `limit` step_N dirs (limit 0 keeps all). Returns the removed paths."""
+    if limit <= 0:
+        return []
+    removed = []
+    for _, path in list_step_dirs(run_dir)[:-limit]:
+        trash = path.with_name(f".tmp-del-{path.name}")
+        os.replace(path, trash)  # gone from the step_N namespace at once, then removed at leisure
+        shutil.rmtree(trash, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+
+def safe_torch_load(path: str | os.PathLike) -> Any:
+    """torch.load that refuses pickled objects (never executes them)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()
+        detail = next((l for l in first if "GLOBAL" in l or "Unsupported" in l), first[0] if first else "")
+        raise CheckpointError(f"checkpoint '{path}' holds pickled Python objects; refused without loading them "
+                              f"(only tensors and plain containers are accepted: {detail.strip()[:160]})") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"checkpoint '{path}' cannot be read: {str(e).splitlines()[0][:200]}") from None
+
+
+def strip_compile_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, str]:
+    """-> (weights file, kind) where kind is "ours" (step dir / model.safetensors) or "original" (step_N file)."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / WEIGHTS_FILE).is_file():
+            return path / WEIGHTS_FILE, "ours"
+        latest = latest_checkpoint(path)
+        if latest is not None:
+            return latest / WEIGHTS_FILE, "ours"
+        raise CheckpointError(f"checkpoint dir '{path}' has no {WEIGHTS_FILE} and no step_N checkpoints")
+    if path.is_file():
+        return path, "ours" if path.suffix == ".safetensors" else "original"
+    raise CheckpointError(f"checkpoint '{path}' does not exist")
+
+
+def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Weights of our checkpoints or the original's `step_N` file (a torch.save'd state_dict)."""
+    weights_file, kind = resolve_checkpoint(path)
+    if kind == "ours":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(weights_file))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"checkpoint '{weights_file}' is not a valid safetensors file ({e})") from None
+    state = safe_torch_load(weights_file)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"checkpoint '{weights_file}' is not a state_dict of tensors")
+    return strip_compile_prefix(state)
+
+
+def load_train_state(step_dir: str | os.PathLike) -> dict:
+    state = safe_torch_load(Path(step_dir) / STATE_FILE)
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"'{Path(step_dir) / STATE_FILE}' is not a train state (no 'step')")
+    return state
+
+
+PUZZLE_TABLE_SUFFIX = "puzzle_emb.weights"
+
+
+def apply_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], source: str,
+                  resize_puzzle_emb: bool = False) -> list[str]:
+    """Copy `weights` into module's state (params + persistent buffers), refusing missing keys, extra keys
+    and shape mismatches with a message naming the key and both shapes. With `resize_puzzle_emb`, a
+    puzzle-embedding table with another row count is resized: shared rows copied, new rows = the mean
+    row (a neutral start for puzzles the checkpoint never saw). Returns notes on what was resized."""
+    own = module.state_dict()
+    weights = strip_compile_prefix(weights)
+    missing = [k for k in own if k not in weights]
+    extra = [k for k in weights if k not in own]
+    if missing:
+        raise CheckpointError(f"checkpoint '{source}' lacks key '{missing[0]}' that the model needs "
+                              f"({len(missing)} missing); is it for this arch?")
+    if extra:
+        raise CheckpointError(f"checkpoint '{source}' has key '{extra[0]}' that the model does not have "
+                              f"({len(extra)} unexpected); is it for this arch?")
+    notes = []
+    fixed = {}
+    for key, target in own.items():
+        value = weights[key]
+        if value.shape != target.shape:
+            if resize_puzzle_emb and key.endswith(PUZZLE_TABLE_SUFFIX) and value.dim() == 2 and value.shape[1] == target.shape[1]:
+                rows = min(value.shape[0], target.shape[0])
+                new = value.mean(dim=0, keepdim=True).expand(target.shape[0], -1).clone()
+                new[:rows] = value[:rows]
+                value = new
+                notes.append(f"resized '{key}' from {list(weights[key].shape)} to {list(target.shape)}")
+            else:
+                raise CheckpointError(f"checkpoint '{source}': key '{key}' has shape {list(value.shape)} "
+                                      f"but the config gives {list(target.shape)}")
+        fixed[key] = value.to(dtype=target.dtype)
+    module.load_state_dict(fixed, strict=True)
+    return notes
+
+
+# ------------------------------------------------------------------------------------------------
+# Nested state (ACT carries are dataclasses of tensors) <-> flat dicts torch.load(weights_only) accepts
+
+def flatten_state(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    if isinstance(obj, torch.Tensor):
+        out[prefix] = obj.detach().to("cpu").clone()
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            out.update(flatten_state(getattr(obj, f.name), f"{prefix}.{f.name}" if prefix else f.name))
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(flatten_state(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            out.update(flatten_state(v, f"{prefix}.{i}" if prefix else str(i)))
+    return out
+
+
+def restore_state(template: Any, flat: dict[str, torch.Tensor], prefix: str = "") -> Any:
+    """Rebuild `template` (same structure as what was flattened) with the tensors of `flat`."""
+    if isinstance(template, torch.Tensor):
+        if prefix not in flat:
+            raise CheckpointError(f"saved carry lacks '{prefix}'")
+        value = flat[prefix]
+        if value.shape != template.shape:
+            raise CheckpointError(f"saved carry '{prefix}' has shape {list(value.shape)}, expected {list(template.shape)}")
+        return value.to(device=template.device, dtype=template.dtype)
+    if dataclasses.is_dataclass(template) and not isinstance(template, type):
+        values = {f.name: restore_state(getattr(template, f.name), flat, f"{prefix}.{f.name}" if prefix else f.name)
+                  for f in dataclasses.fields(template)}
+        return dataclasses.replace(template, **values) if all(f.init for f in dataclasses.fields(template)) else _setattrs(template, values)
+    if isinstance(template, dict):
+        return type(template)({k: restore_state(v, flat, f"{prefix}.{k}" if prefix else str(k)) for k, v in template.items()})
+    if isinstance(template, (list, tuple)):
+        items = [restore_state(v, flat, f"{prefix}.{i}" if prefix else str(i)) for i, v in enumerate(template)]
+        return type(template)(items) if isinstance(template, list) else tuple(items)
+    return template
+
+
+def _setattrs(obj, values):
+    for k, v in values.items():
+        setattr(obj, k, v)
+    return obj
+
+
+def to_plain(obj: Any) -> Any:
+    """numpy scalars/arrays -> Python numbers / tensors, so the object passes torch.load(weights_only=True)."""
+    import numpy as np
+    if isinstance(obj, dict):
+        return {to_plain(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_plain(v) for v in obj) if isinstance(obj, list) else tuple(to_plain(v) for v in obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    return obj
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,165 @@
+"""The evaluation loop shared by pretrain.py and evaluate.py, and the metric reduction rule.
+
+Metrics from a loss head are 0-d tensor SUMS over rows (count, accuracy, exact_accuracy, steps, losses),
+except keys containing "/" (`gate/L/mean`, `halt/...`), which are already MEANS: those are averaged over
+calls and ranks here, before the head's `reduce_metrics` (or the original's rule) turns sums into means."""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+
+from utils.distributed import DistInfo, all_gather_object, all_reduce_sum
+from utils.modeling import autocast_context
+
+BATCH_KEYS = ("inputs", "labels", "puzzle_identifiers")
+
+
+def is_mean_key(key: str) -> bool:
+    return "/" in key
+
+
+def default_reduce_metrics(sums: dict[str, float], mode: str, global_batch_size: int) -> dict[str, float]:
+    """The original rule. train: keys ending in `loss` / global batch, the rest / max(count, 1);
+    eval: everything / max(count, 1). Mean-type keys pass through (already averaged)."""
+    count = max(sums.get("count", 0.0), 1.0)
+    out = {}
+    for key, value in sums.items():
+        if is_mean_key(key):
+            out[key] = value
+        elif mode == "train" and key.endswith("loss"):
+            out[key] = value / global_batch_size
+        else:
+            out[key] = value / count
+    if mode == "eval":
+        out.pop("count", None)
+    return out
+
+
+def reduce_metrics(head: torch.nn.Module, sums: dict[str, float], mode: str, global_batch_size: int) -> dict[str, float]:
+    hook = getattr(head, "reduce_metrics", None)
+    if hook is not None:
+        return hook(sums, mode, global_batch_size)
+    return default_reduce_metrics(sums, mode, global_batch_size)
+
+
+class MetricAccumulator:
+    """Tensor sums of metric dicts; no host sync until `reduce()` (which every rank must call)."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.calls = 0
+
+    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        self.calls += 1
+        for k, v in metrics.items():
+            v = v.detach().to(torch.float64)
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+
+    def reduce(self, info: DistInfo) -> dict[str, float]:
+        """Sum over ranks (one collective); mean-type keys averaged over calls and ranks. -> floats."""
+        keys = sorted(self.sums)
+        if not keys:
+            return {}
+        stacked = torch.stack([self.sums[k] for k in keys])
+        stacked = all_reduce_sum(stacked, info).cpu()
+        out = {}
+        for k, v in zip(keys, stacked.tolist()):
+            out[k] = v / (max(self.calls, 1) * info.world_size) if is_mean_key(k) else v
+        return out
+
+    def reset(self) -> None:
+        self.sums, self.calls = {}, 0
+
+
+def _real_rows(effective: int, local_batch: int, rank: int) -> int:
+    """Rows of this rank's slice that hold real (not padding) examples."""
+    return int(min(max(effective - rank * local_batch, 0), local_batch))
+
+
+@torch.inference_mode()
+def evaluate(head: torch.nn.Module, loader, info: DistInfo, *, device: torch.device, mixed_precision: str = "none",
+             max_batches: Optional[int] = None, save_keys: Iterable[str] = (), global_batch_size: int = 1,
+             progress: bool = False) -> tuple[dict[str, float], Optional[dict[str, np.ndarray]]]:
+    """Run the split once (each batch until every row halted). Returns (flat `eval/...` metrics,
+    outputs gathered on rank 0 or None). `save_keys` may name batch keys, output keys, and `preds`
+    (argmax of the logits); padding rows are dropped from the outputs."""
+    save_keys = list(save_keys)
+    return_keys = sorted({("logits" if k == "preds" else k) for k in save_keys if k not in BATCH_KEYS})
+    was_training = head.training
+    head.eval()
+    start_state = loader.state_dict()
+    per_set: dict[str, MetricAccumulator] = {}
+    collected: dict[str, list[np.ndarray]] = {k: [] for k in save_keys}
+    bar = None
+    if progress and info.is_main:
+        from tqdm import tqdm
+        total = len(loader) if hasattr(loader, "__len__") else None
+        try:
+            total = min(total, max_batches) if (total is not None and max_batches) else total
+        except TypeError:
+            total = None
+        bar = tqdm(total=total, desc="eval", unit="batch", leave=False)
+    try:
+        for batch_index, (set_name, batch, effective) in enumerate(loader):
+            if max_batches is not None and batch_index >= max_batches:
+                break
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            carry = head.initial_carry(batch)
+            while True:
+                with autocast_context(device, mixed_precision):
+                    carry, _, metrics, outputs, all_halted = head(return_keys=return_keys, carry=carry, batch=batch)
+                if bool(all_halted):  # eval is not the hot path: one sync per segment is fine
+                    break
+            per_set.setdefault(set_name, MetricAccumulator()).add(metrics)
+            if save_keys:
+                n = _real_rows(int(effective), next(iter(batch.values())).shape[0], info.rank)
+                for k in save_keys:
+                    if k in BATCH_KEYS:
+                        value = batch[k]
+                    elif k == "preds":
+                        value = torch.argmax(outputs["logits"], dim=-1).to(torch.int32)
+                    else:
+                        value = outputs[k]
+                    collected[k].append(value[:n].float().cpu().numpy() if value.dtype == torch.bfloat16
+                                        else value[:n].cpu().numpy())
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        loader.load_state_dict(start_state)  # the next evaluation starts from the beginning again
+        head.train(was_training)
+
+    # Every rank must take part in the same reductions in the same order.
+    set_names = sorted(per_set)
+    set_names = all_gather_object(set_names, info)[0] if info.distributed else set_names
+    flat: dict[str, float] = {}
+    total = MetricAccumulator()
+    for name in set_names:
+        acc = per_set.get(name, MetricAccumulator())
+        sums = acc.reduce(info)
+        for k, v in acc.sums.items():
+            total.sums[k] = total.sums[k] + v if k in total.sums else v
+        total.calls += acc.calls
+        if len(set_names) > 1:
+            for k, v in reduce_metrics(head, sums, "eval", global_batch_size).items():
+                flat[f"eval/{name}/{k}"] = v
+    for k, v in reduce_metrics(head, total.reduce(info), "eval", global_batch_size).items():
+        flat[f"eval/{k}"] = v
+
+    gathered = None
+    if save_keys:
+        local = {k: (np.concatenate(v) if v else np.zeros((0,))) for k, v in collected.items()}
+        parts = all_gather_object(local, info) if info.distributed else [local]
+        if info.is_main:
+            gathered = _interleave_ranks(parts, save_keys)
+    return flat, gathered
+
+
+def _interleave_ranks(parts: list[dict[str, np.ndarray]], keys: list[str]) -> dict[str, np.ndarray]:
+    """Per-rank outputs -> dataset order. Ranks hold consecutive slices of every global batch, so the
+    concatenation by rank is a permutation of dataset order; puzzle order is restored by the caller
+    where it matters (ARC voting does not depend on order)."""
+    return {k: np.concatenate([p[k] for p in parts]) if parts and len(parts[0][k]) else np.zeros((0,)) for k in keys}

@@ -1,0 +1,82 @@
+"""Metric logging on rank 0: W&B (online, WANDB_MODE=offline or disabled) plus a JSONL file in the run
+directory that always gets the same flat metrics (`train/lm_loss`, `eval/exact_accuracy`, ...)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+
+class MetricLogger:
+    """`log(metrics, step)`; `close()`. A no-op on ranks other than 0.
+
+    kind: "wandb" (W&B + JSONL), "jsonl" (JSONL only) or "none" (nothing)."""
+
+    def __init__(self, kind: str, run_dir: str | os.PathLike, *, project: str, run_name: str, config: dict,
+                 group: str | None = None, is_main: bool = True, resume_step: int | None = None):
+        self.kind = kind if is_main else "none"
+        self.run_dir = Path(run_dir)
+        self.jsonl_path = self.run_dir / "metrics.jsonl"
+        self.wandb_run = None
+        if self.kind == "none":
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            truncate_jsonl(self.jsonl_path, resume_step)
+        if self.kind == "wandb":
+            import wandb
+            # One W&B run per run directory: a resumed run continues the same W&B run.
+            id_file = self.run_dir / "wandb_id.txt"
+            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+            if not id_file.is_file():
+                id_file.write_text(run_id + "\n")
+            self.wandb_run = wandb.init(project=project, name=run_name, config=config, group=group,
+                                        dir=str(self.run_dir), id=run_id, resume="allow")
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if self.kind == "none" or not metrics:
+            return
+        clean = {k: _plain(v) for k, v in metrics.items()}
+        with open(self.jsonl_path, "a") as f:
+            f.write(json.dumps({"step": step, **clean}, allow_nan=True) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(clean, step=step)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.summary.update({k: _plain(v) for k, v in values.items()})
+
+    def close(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+
+def _plain(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return v
+    return v
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Drop lines logged after `last_step` (they will be logged again by the resumed run)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= last_step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(l + "\n" for l in keep))
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]

@@ -1,0 +1,102 @@
+"""Optimizers and learning-rate schedules by name.
+
+The dense optimizer defaults to AdamATan2 (the original's choice); any `pytorch_optimizer` name works too.
+The schedule defaults to the original's linear-warmup-then-cosine (`cosine_warmup`); any
+`pytorch_optimizer` / torch scheduler name works too, built once per optimizer so that the dense and the
+sparse puzzle-embedding optimizers each follow the same shape from their own base LR."""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Iterable
+
+import torch
+
+from utils.schema import ConfigError, closest_key
+
+DEFAULT_OPTIMIZER = "adam_atan2"
+DEFAULT_SCHEDULER = "cosine_warmup"
+
+
+def cosine_warmup_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """The original's `cosine_schedule_with_warmup_lr_lambda`, as a multiplier of the base LR.
+
+    `step` counts optimizer steps from 1 (the original increments before computing the LR)."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_ratio + max(0.0, (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float, betas: tuple[float, float],
+                    weight_decay: float, kwargs: dict[str, Any] | None = None) -> torch.optim.Optimizer:
+    """Dense optimizer by name. `adam_atan2` -> utils.adam_atan2.make_adam_atan2 (kwargs may hold `backend`);
+    anything else -> `pytorch_optimizer.load_optimizer(name)`, passing betas/weight_decay when it takes them."""
+    kwargs = dict(kwargs or {})
+    params = list(params)
+    if name.lower().replace("-", "_") in ("adam_atan2", "adamatan2"):
+        from utils.adam_atan2 import make_adam_atan2
+        return make_adam_atan2(params, lr=lr, betas=betas, weight_decay=weight_decay, **kwargs)
+    import pytorch_optimizer
+    supported = list(pytorch_optimizer.get_supported_optimizers())
+    try:
+        cls = pytorch_optimizer.load_optimizer(name)
+    except Exception:
+        hint = closest_key(name.lower(), supported + [DEFAULT_OPTIMIZER])
+        raise ConfigError(f"unknown optimizer.name '{name}'" + (f" did you mean '{hint}'?" if hint else "")) from None
+    accepted = inspect.signature(cls.__init__).parameters
+    base: dict[str, Any] = {"lr": lr}
+    if "betas" in accepted:
+        base["betas"] = betas
+    if "weight_decay" in accepted:
+        base["weight_decay"] = weight_decay
+    base.update(kwargs)
+    has_var_kw = any(p.kind is p.VAR_KEYWORD for p in accepted.values())
+    for key in kwargs:
+        if key not in accepted and not has_var_kw:
+            hint = closest_key(key, [k for k in accepted if k not in ("self", "params")])
+            raise ConfigError(f"unknown config key 'optimizer.kwargs.{key}' for optimizer '{name}'"
+                              + (f" did you mean '{hint}'?" if hint else ""))
+    return cls(params, **base)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, name: str, kwargs: dict[str, Any] | None, *,
+                    base_lr: float, warmup_steps: int, total_steps: int, min_ratio: float):
+    """A scheduler whose `.step()` is called once after every optimizer step.
+
+    Before the first optimizer step the LR is already the one for step 1 (as in the original, which
+    sets the LR after incrementing its step counter)."""
+    for group in optimizer.param_groups:
+        group["lr"] = base_lr
+        group["initial_lr"] = base_lr
+    kwargs = dict(kwargs or {})
+    if name == DEFAULT_SCHEDULER:
+        if kwargs:
+            raise ConfigError(f"lr_scheduler '{DEFAULT_SCHEDULER}' takes no kwargs (use lr_warmup_steps, lr_min_ratio); "
+                              f"got {sorted(kwargs)}")
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda e: cosine_warmup_factor(e + 1, warmup_steps, total_steps, min_ratio))
+
+    import pytorch_optimizer
+    supported = list(pytorch_optimizer.get_supported_lr_schedulers())
+    try:
+        cls = pytorch_optimizer.load_lr_scheduler(name)
+    except Exception:
+        hint = closest_key(name.lower(), supported + [DEFAULT_SCHEDULER])
+        raise ConfigError(f"unknown lr_scheduler.name '{name}'" + (f" did you mean '{hint}'?" if hint else "")) from None
+    # Fill the usual length/LR arguments from the run so that `lr_scheduler.name=cosine` just works.
+    accepted = inspect.signature(cls).parameters
+    auto = {"t_max": total_steps, "total_steps": total_steps, "first_cycle_steps": total_steps,
+            "num_training_steps": total_steps, "total_iters": total_steps, "max_lr": base_lr,
+            "min_lr": base_lr * min_ratio, "warmup_steps": warmup_steps, "num_warmup_steps": warmup_steps}
+    for key, value in auto.items():
+        if key in accepted and key not in kwargs:
+            kwargs[key] = value
+    try:
+        return cls(optimizer, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"lr_scheduler '{name}' rejected kwargs {sorted(kwargs)}: {e}") from None
+
+
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    return float(optimizer.param_groups[0]["lr"])
