@@ -95,14 +95,20 @@ class PuzzleDataset(IterableDataset):
         if self.config.test_set_mode:
             gb = self.config.global_batch_size
             return sum(-(-len(d["inputs"]) // gb) for d in data.values())
-        return self.config.epochs_per_iter * sum(self._num_train_batches(d) for d in data.values())
+        return self.config.epochs_per_iter * self.batches_per_epoch
 
     def _num_train_batches(self, d: dict) -> int:
-        # Example count of an epoch depends on which puzzles get drawn, so this is exact only when
-        # all puzzles of a group have the same size (Sudoku, Maze); iteration itself is always exact.
+        # Examples in an epoch depend on which puzzle each group draws: this is the expected count,
+        # exact when all puzzles of a group have the same size (Sudoku, Maze). `epoch_order` is exact.
         gi, pi = d["group_indices"], d["puzzle_indices"]
-        first = pi[gi[:-1] + 1] - pi[gi[:-1]]
-        return int(first.sum()) // self.config.global_batch_size
+        sizes = np.diff(pi).astype(np.float64)
+        per_group = np.add.reduceat(sizes, gi[:-1]) / np.diff(gi) if len(gi) > 1 else np.zeros(0)
+        return int(per_group.sum() + 1e-6) // self.config.global_batch_size
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Training batches (optimizer steps) in one epoch over all sets; expected value for ARC-like data."""
+        return sum(self._num_train_batches(d) for d in self._lazy_load().values())
 
     def epoch_order(self, set_name: str, epoch: int) -> np.ndarray:
         """Example rows of one training epoch, in order, before cutting into batches (int64)."""

@@ -170,3 +170,12 @@ def test_bad_config_is_a_clear_error(multi_example_ds, tmp_path):
         make(root, gbs=10, reps=3)
     with pytest.raises(DatasetError, match="dataset.json: file not found"):
         make(tmp_path)
+
+
+def test_batches_per_epoch_is_the_expected_count(multi_example_ds):
+    root, arr = multi_example_ds
+    ds = make(root, epi=2)
+    counts = [len(ds.epoch_order("all", e)) // 8 for e in range(200)]
+    assert abs(ds.batches_per_epoch - np.mean(counts)) <= 1
+    assert len(ds) == 2 * ds.batches_per_epoch
+    assert len(make(root, gbs=10, test=True)) == -(-len(arr.inputs) // 10)
