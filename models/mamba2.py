@@ -80,48 +80,61 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, D=None, initial_state=None, ret
 
     Lengths that are not a multiple of `chunk_size` are zero-padded at the end: a padded step has dt = 0,
     i.e. decay exp(0) = 1 and no input, so outputs and the final state are exactly those of the real tokens.
+    Shapes inside: c chunks of s positions; the h heads are split as (g groups, r = h // g heads per group).
+    Cost: O(l * s * h * (n + p)) for the chunk-local part plus O(l * h * p * n) for the states, all in
+    batched matmuls; the states are kept transposed, [n, r*p] per group, so a group's heads share one matmul
+    with its B or C and the token-major input layout needs no copy when g = 1.
     """
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
-    r = h // g                                                        # heads per group
+    r = h // g
     pad = (-l) % chunk_size
     if pad:
         x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
     c, s = (l + pad) // chunk_size, chunk_size
 
-    x = x.reshape(b, c, s, g, r, p)
-    dt = dt.reshape(b, c, s, g, r)
-    B = B.reshape(b, c, s, g, n)
-    C = C.reshape(b, c, s, g, n)
-    a = (dt * A.to(dt.dtype).reshape(g, r)).permute(0, 3, 4, 1, 2)   # [b, g, r, c, s]
-    a_cum = a.cumsum(dim=-1)
-    xdt = x * dt.unsqueeze(-1)                                        # [b, c, s, g, r, p]
+    a_cum = (dt * A.to(dt.dtype)).view(b, c, s, h).cumsum(dim=2)                       # [b, c, s, h]
+    xdt = x.view(b, c, s, h, p) * dt.view(b, c, s, h, 1)                               # [b, c, s, h, p]
+    Bg = B.reshape(b, c, s, g, n).transpose(2, 3)                                       # [b, c, g, s, n]
+    Cg = C.reshape(b, c, s, g, n).transpose(2, 3)
 
-    # 1) within each chunk: y_l = sum_{s<=l} (C_l . B_s) exp(a_{s+1..l}) dt_s x_s
-    decay = torch.exp(segsum(a)).permute(0, 3, 1, 2, 4, 5)           # [b, c, g, r, l, s]
-    CB = torch.einsum("bclgn,bcsgn->bcgls", C, B)                     # [b, c, g, l, s]
-    y_diag = torch.einsum("bcgrls,bcsgrp->bclgrp", CB.unsqueeze(3) * decay, xdt)
+    # 1) within each chunk: y_l = sum_{j<=l} (C_l . B_j) exp(a_{j+1} + ... + a_l) dt_j x_j.
+    # The decay is a difference of cumulative sums, as in mamba_ssm's kernels; entries above the diagonal
+    # are set to -inf BEFORE exp so neither they nor their gradients can overflow.
+    a_h = a_cum.transpose(2, 3)                                                         # [b, c, h, s]
+    causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
+    decay = (a_h.unsqueeze(-1) - a_h.unsqueeze(-2)).masked_fill(~causal, float("-inf")).exp()
+    CB = Cg @ Bg.transpose(-1, -2)                                                      # [b, c, g, l, s]
+    scores = (decay.view(b, c, g, r, s, s) * CB.unsqueeze(3)).view(b, c, h, s, s)
+    y_diag = scores @ xdt.transpose(2, 3)                                               # [b, c, h, l, p]
 
-    # 2) each chunk's own contribution to the state at its end
-    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)                 # [b, g, r, c, s]
-    chunk_states = torch.einsum("bcsgn,bgrcs,bcsgrp->bcgrpn", B, decay_to_end, xdt)
+    # 2) each chunk's own contribution to the state at its end, transposed: sum_j B_j (exp(a_{j+1..end}) dt_j x_j)^T
+    decay_to_end = torch.exp(a_cum[:, :, -1:] - a_cum)                                  # [b, c, s, h]
+    x_end = (xdt * decay_to_end.unsqueeze(-1)).view(b, c, s, g, r * p).transpose(2, 3)  # [b, c, g, s, r*p]
+    chunk_states = Bg.transpose(-1, -2) @ x_end                                         # [b, c, g, n, r*p]
 
-    # 3) pass states between chunks: S_{k+1} = exp(sum of a over chunk k) S_k + chunk_states_k
+    # 3) pass states between chunks: S_{k+1} = exp(sum of a over chunk k) S_k + chunk_states_k.
+    # A short loop over chunks (l / chunk_size of them) of element-wise updates: linear in c, no c x c matrix.
     if initial_state is None:
-        initial_state = torch.zeros(b, h, p, n, dtype=x.dtype, device=x.device)
-    states = torch.cat([initial_state.to(x.dtype).reshape(b, 1, g, r, p, n), chunk_states], dim=1)
-    chunk_decay = torch.exp(segsum(F.pad(a_cum[..., -1], (1, 0))))    # [b, g, r, c+1, c+1]
-    states = torch.einsum("bgrzk,bkgrpn->bzgrpn", chunk_decay, states)
-    states_in, final_state = states[:, :-1], states[:, -1]
+        state = torch.zeros(b, g, n, r, p, dtype=x.dtype, device=x.device)
+    else:  # [b, h, p, n] -> transposed layout [b, g, n, r, p]
+        state = initial_state.to(x.dtype).reshape(b, g, r, p, n).permute(0, 1, 4, 2, 3)
+    chunk_decay = torch.exp(a_cum[:, :, -1]).view(b, c, g, 1, r, 1)                    # [b, c, g, 1, r, 1]
+    chunk_states = chunk_states.view(b, c, g, n, r, p)
+    states_in = []
+    for k in range(c):
+        states_in.append(state)
+        state = state * chunk_decay[:, k] + chunk_states[:, k]
+    states_in = torch.stack(states_in, dim=1).view(b, c, g, n, r * p)                  # [b, c, g, n, r*p]
+    final_state = state.permute(0, 1, 3, 4, 2).reshape(b, h, p, n)
 
-    # 4) the state entering each chunk, decayed to every position inside it
-    y_off = torch.einsum("bclgn,bcgrpn->bclgrp", C, states_in)
-    y_off = y_off * torch.exp(a_cum).permute(0, 3, 4, 1, 2).unsqueeze(-1)
-
-    y = (y_diag + y_off).reshape(b, c * s, h, p)[:, :l]
-    y = _skip(y, x.reshape(b, c * s, h, p)[:, :l], D)
+    # 4) the state entering each chunk, read out by C and decayed to every position inside it
+    y_off = (Cg @ states_in).transpose(2, 3).reshape(b, c, s, h, p)                     # [b, c, s, h, p]
+    y = torch.addcmul(y_diag.transpose(2, 3), y_off, torch.exp(a_cum).unsqueeze(-1))
+    y = y.reshape(b, c * s, h, p)[:, :l]
+    y = _skip(y, x[:, :l], D)
     if return_final_state:
-        return y, final_state.reshape(b, h, p, n)
+        return y, final_state
     return y
 
 
