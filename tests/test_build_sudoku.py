@@ -189,3 +189,14 @@ def test_inspector_prints_metadata_histogram_and_grid(tmp_path, sudoku_src, caps
     with pytest.raises(SystemExit) as e:
         di.main([str(out)])
     assert e.value.code == 2 and "all__labels.npy: file not found" in capsys.readouterr().err
+
+
+def test_subsample_and_min_difficulty(tmp_path, sudoku_src, capsys):
+    run(["--source", sudoku_src, "--output-dir", tmp_path / "sub", "--subsample-size", 2, "--num-aug", 1, "--seed", 5])
+    q, _ = grids(tmp_path / "sub", "train")
+    originals = np.array([[0 if c == "." else int(c) for c in r[0]] for r in tdoku_rows_cached(sudoku_src)])
+    kept = q[::2]
+    assert len(kept) == 2 and all((originals == k).all(1).any() for k in kept)
+    with pytest.raises(SystemExit) as e:
+        run(["--source", sudoku_src, "--output-dir", tmp_path / "hard", "--min-difficulty", 2])
+    assert e.value.code == 2 and "no training puzzles left" in capsys.readouterr().err
