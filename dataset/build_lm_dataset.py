@@ -362,7 +362,7 @@ def _iter_documents(cfg: BuildConfig, files, split_filter: str | None = None) ->
             docs = _iter_txt_documents(path, cfg.doc_chars)
         else:
             docs = _iter_records(path)
-        for where, doc in docs:
+        for where, doc in _reading(path, docs):
             split = file_split or _hash_split(cfg.seed, doc_index, cfg.val_ratio, test_ratio)
             doc_index += 1
             if split_filter is not None and split != split_filter:
@@ -375,6 +375,20 @@ def _iter_documents(cfg: BuildConfig, files, split_filter: str | None = None) ->
                 yield split, where, _prompt_response(cfg, doc, where)
             else:
                 yield split, where, doc
+
+
+def _reading(path: Path, it: Iterator) -> Iterator:
+    """Turn decoding/IO failures in the middle of a file into one-line errors naming the file."""
+    try:
+        yield from it
+    except UnicodeDecodeError as e:
+        raise LMDataError(f"{path}: not UTF-8 text ({e.reason} near byte {e.start})") from None
+    except (OSError, EOFError) as e:  # includes gzip.BadGzipFile and truncated archives
+        raise LMDataError(f"{path}: cannot read ({e})") from None
+    except Exception as e:
+        if type(e).__module__.startswith("zstandard"):
+            raise LMDataError(f"{path}: cannot read zstd stream ({e})") from None
+        raise
 
 
 def _prompt_response(cfg: BuildConfig, record: Any, where: str) -> tuple[str, str]:

@@ -235,6 +235,14 @@ def test_bad_empty_and_unreadable_corpus(tmp_path, capsys):
     d.mkdir()
     (d / "notes.md").write_text("x")
     _one_line_error(*run_cli(["--source", d, "--output-dir", tmp_path / "o"], capsys)[::2], "no readable corpus")
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\xe9 au lait\n".encode("latin-1") * 10)
+    _one_line_error(*run_cli(["--source", latin, "--output-dir", tmp_path / "o"], capsys)[::2],
+                    "latin1.txt", "not UTF-8")
+    broken_gz = tmp_path / "broken.jsonl.gz"
+    broken_gz.write_bytes(gzip.compress(b'{"text": "hello"}\n' * 100)[:40])
+    _one_line_error(*run_cli(["--source", broken_gz, "--output-dir", tmp_path / "o"], capsys)[::2],
+                    "broken.jsonl.gz", "cannot read")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": broken\n')
     _one_line_error(*run_cli(["--source", bad, "--output-dir", tmp_path / "o", "--vocab-size", 300], capsys)[::2],

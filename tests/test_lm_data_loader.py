@@ -139,3 +139,19 @@ def test_puzzle_dataloader_protocol(tiny):
     resumed.load_state_dict(loader.state_dict())
     got += [b["encoder_ids"][:, 0].tolist() for _, b, _ in resumed]
     assert got == ref and resumed.state_dict() == {"epoch": 2, "batch": 0}
+
+
+def test_validate_finds_token_ids_beyond_vocab(tiny, tmp_path):
+    import shutil
+
+    from lm_dataset import validate_lm_dataset
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny, bad)
+    assert validate_lm_dataset(bad)["vocab_size"] == 64
+    arr = np.load(bad / "train" / "target_tokens.npy", mmap_mode="r+")
+    arr[3] = 64
+    arr.flush()
+    del arr
+    with pytest.raises(LMDataError, match=r"train/target_tokens.npy: token id 64 at position 3 >= vocab_size 64"):
+        validate_lm_dataset(bad)
