@@ -77,7 +77,7 @@ class LMSplit:
             if off.dtype != np.int64 or off.shape != (n + 1,):
                 raise LMDataError(f"{d}/{off_name}.npy: expected int64[{n + 1}] for {n} examples, "
                                   f"got {off.dtype}{list(off.shape)}")
-            if n >= 0 and (off[0] != 0 or off[-1] != tok.shape[0]):
+            if off[0] != 0 or off[-1] != tok.shape[0]:
                 raise LMDataError(f"{d}/{off_name}.npy: offsets span [{off[0]}, {off[-1]}] but "
                                   f"{tok_name}.npy holds {tok.shape[0]} tokens")
         self.count = n
