@@ -6,9 +6,10 @@ Conventions kept from the original (and relied on by released checkpoints):
 - RMSNorm has no gain; SwiGLU's width is round(expansion * D * 2/3) rounded up to a multiple of 256;
 - RoPE uses the half-split rotation and is applied in fp32.
 
-Attention runs on flash-attn (3 or 2) when it is importable and the tensors are on CUDA in 16-bit,
-else on `torch.nn.functional.scaled_dot_product_attention`. The choice is a config value
-(`attn_backend: auto|flash|sdpa`) and is logged once per process.
+Attention backends (config `attn_backend`, logged once per process): `flash` = flash-attn 3 or 2
+(CUDA, 16-bit), `sdpa` = `torch.nn.functional.scaled_dot_product_attention`, `math` = explicit
+softmax(QK^T/sqrt(d))V with fp32 scores. `auto` picks flash on CUDA when importable, math on CPU for
+short sequences (much faster backward there), SDPA otherwise.
 """
 from __future__ import annotations
 
@@ -92,8 +93,22 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, S, n, d] -> x*cos + rotate_half(x)*sin, in fp32, returned in x's dtype; cos, sin [S, d].
+
+    Computed as x*cos + roll(x, d/2)*sin_signed with sin_signed = cat(-sin1, sin2): every product
+    and sum is the same IEEE operation as the original's formula (negation is exact), so the result
+    is bit-identical with fewer kernels."""
+    dtype = x.dtype
+    half = x.shape[-1] // 2
+    sin_signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    x32 = x.float()
+    out = x32 * cos.unsqueeze(-2) + x32.roll(half, dims=-1) * sin_signed.unsqueeze(-2)
+    return out.to(dtype)
+
+
 def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """q, k: [B, S, H, d]; cos, sin: [S, d] fp32. Rotation in fp32, result in the input dtype."""
+    """q, k: [B, S, H, d]; cos, sin: [S, d] fp32. The original's formula, kept as the reference."""
     dtype = q.dtype
     cos = cos.unsqueeze(-2)  # [S, 1, d], broadcast over heads
     sin = sin.unsqueeze(-2)
@@ -134,7 +149,10 @@ class SwiGLU(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # attention
 
-ATTN_BACKENDS = ("auto", "flash", "sdpa")
+ATTN_BACKENDS = ("auto", "flash", "sdpa", "math")
+
+# "math" materialises [B, H, S, S] fp32 scores; beyond this many bytes "auto" uses SDPA instead.
+MATH_ATTN_MAX_BYTES = 256 * 2 ** 20
 
 
 def _import_flash_attn():
@@ -155,43 +173,60 @@ _logged_backends: set[str] = set()
 
 
 def resolve_attn_backend(requested: str, device: torch.device | str | None = None) -> str:
-    """'auto' -> 'flash' if flash-attn imports and the device is CUDA, else 'sdpa'.
-    'flash' without flash-attn is an error rather than a silent fallback."""
+    """Map the configured backend to the one used on `device`:
+    'auto' -> 'flash' on CUDA when flash-attn imports, 'sdpa' on other accelerators, 'math' on CPU
+    (small sequences; see Attention). 'flash' without flash-attn is an error, never a silent fallback."""
     if requested not in ATTN_BACKENDS:
         raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {requested!r}")
     fn, name = _import_flash_attn()
-    dev = torch.device(device) if device is not None else None
+    dev = torch.device(device) if device is not None else torch.device("cpu")
     if requested == "flash":
         if fn is None:
             raise RuntimeError("attn_backend='flash' but neither flash_attn_interface (FA3) nor flash_attn (FA2) is importable")
         chosen, detail = "flash", name
-    elif requested == "sdpa":
-        chosen, detail = "sdpa", "torch scaled_dot_product_attention"
+    elif requested in ("sdpa", "math"):
+        chosen, detail = requested, "as configured"
+    elif dev.type == "cuda" and fn is not None:
+        chosen, detail = "flash", name
+    elif dev.type == "cpu":
+        # On CPU the SDPA flash kernel's backward is slow at HRM's short sequences (~10x in bf16).
+        chosen, detail = "math", "CPU: explicit softmax(QK^T)V, fp32 scores; SDPA for long sequences"
     else:
-        on_cuda = dev is None or dev.type == "cuda"
-        if fn is not None and on_cuda and torch.cuda.is_available():
-            chosen, detail = "flash", name
-        else:
-            chosen, detail = "sdpa", "torch scaled_dot_product_attention" + (" (flash-attn not importable)" if fn is None else " (not on CUDA)")
-    key = f"{requested}->{chosen}:{detail}"
+        chosen, detail = "sdpa", "flash-attn not importable" if fn is None else f"device {dev.type}"
+    key = f"{requested}->{chosen}"
     if key not in _logged_backends:
         _logged_backends.add(key)
         log.info("attention backend: requested %s, using %s (%s)", requested, chosen, detail)
     return chosen
 
 
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    """q, k, v [B, H, S, d] -> [B, H, S, d]. Numerics follow flash-attn's: scores and softmax in fp32
+    from the (possibly bf16) q, k; probabilities cast to v's dtype for the PV product."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # [B, H, S, S] fp32
+    if causal:
+        S = scores.shape[-1]
+        mask = torch.ones(S, S, dtype=torch.bool, device=scores.device).triu(1)
+        scores = scores.masked_fill(mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs.to(v.dtype), v)
+
+
 class Attention(nn.Module):
-    """Multi-head non-causal attention with a fused qkv projection (layout [q heads | k heads | v heads])."""
+    """Multi-head attention (non-causal in HRM) with a fused qkv projection, layout [q heads | k heads | v heads]."""
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_key_value_heads: int,
                  causal: bool = False, backend: str = "auto", generator: Optional[torch.Generator] = None):
         super().__init__()
+        if backend not in ATTN_BACKENDS:
+            raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {backend!r}")
         self.hidden_size = hidden_size
         self.head_dim = head_dim
         self.num_heads = num_heads
         self.num_key_value_heads = num_key_value_heads
         self.causal = causal
-        self.backend = backend  # "auto" | "flash" | "sdpa"; resolved at first use on the actual device
+        self.backend = backend  # resolved at first use, on the device the tensors are on
         self._resolved: Optional[str] = None
         self.qkv_proj = CastedLinear(hidden_size, (num_heads + 2 * num_key_value_heads) * head_dim, bias=False,
                                      generator=generator)
@@ -200,29 +235,40 @@ class Attention(nn.Module):
     def _backend_for(self, x: torch.Tensor) -> str:
         if self._resolved is None:
             self._resolved = resolve_attn_backend(self.backend, x.device)
-        if self._resolved == "flash" and (x.device.type != "cuda" or x.dtype not in (torch.float16, torch.bfloat16)):
+        chosen = self._resolved
+        if chosen == "flash" and (x.device.type != "cuda" or x.dtype not in (torch.float16, torch.bfloat16)):
             if self.backend == "flash":
                 raise RuntimeError(f"attn_backend='flash' needs fp16/bf16 CUDA tensors, got {x.dtype} on {x.device}")
-            return "sdpa"
-        return self._resolved
+            chosen = "sdpa"  # auto + fp32: flash-attn has no fp32 kernel
+        if chosen == "math" and self.backend == "auto":
+            B, S, _ = x.shape
+            if B * self.num_heads * S * S * 4 > MATH_ATTN_MAX_BYTES:
+                chosen = "sdpa"
+        return chosen
 
     def forward(self, hidden_states: torch.Tensor, cos_sin: Optional[CosSin] = None) -> torch.Tensor:
         B, S, _ = hidden_states.shape
-        qkv = self.qkv_proj(hidden_states).view(B, S, self.num_heads + 2 * self.num_key_value_heads, self.head_dim)
-        q = qkv[:, :, :self.num_heads]
-        k = qkv[:, :, self.num_heads:self.num_heads + self.num_key_value_heads]
-        v = qkv[:, :, self.num_heads + self.num_key_value_heads:]
+        H, Hkv = self.num_heads, self.num_key_value_heads
+        qkv = self.qkv_proj(hidden_states).view(B, S, H + 2 * Hkv, self.head_dim)
+        qk, v = qkv[:, :, :H + Hkv], qkv[:, :, H + Hkv:]
         if cos_sin is not None:
-            q, k = apply_rotary_pos_emb(q, k, *cos_sin)
+            qk = apply_rotary(qk, *cos_sin)  # q and k rotated in one pass
+        q, k = qk[:, :, :H], qk[:, :, H:]
 
-        if self._backend_for(hidden_states) == "flash":
+        backend = self._backend_for(hidden_states)
+        if backend == "flash":
             flash_attn_func, _ = _import_flash_attn()
             out = flash_attn_func(q, k, v, causal=self.causal)
             if isinstance(out, tuple):  # FA3 returns (out, lse)
                 out = out[0]
         else:
-            # SDPA wants [B, H, S, d]; same default scale 1/sqrt(d) as flash-attn.
-            enable_gqa = self.num_key_value_heads != self.num_heads
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 is_causal=self.causal, enable_gqa=enable_gqa).transpose(1, 2)
-        return self.o_proj(out.reshape(B, S, self.num_heads * self.head_dim))
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, d]
+            if Hkv != H:
+                k = k.repeat_interleave(H // Hkv, dim=1)
+                v = v.repeat_interleave(H // Hkv, dim=1)
+            if backend == "math":
+                out = math_attention(q, k, v, causal=self.causal)
+            else:  # same default scale 1/sqrt(d) as flash-attn
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+            out = out.transpose(1, 2)
+        return self.o_proj(out.reshape(B, S, H * self.head_dim))

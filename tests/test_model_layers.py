@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from models.common import trunc_normal_init_
-from models.layers import (Attention, CastedEmbedding, CastedLinear, RotaryEmbedding, SwiGLU, apply_rotary_pos_emb,
-                           resolve_attn_backend, rms_norm, swiglu_intermediate_size)
+from models.layers import (Attention, CastedEmbedding, CastedLinear, RotaryEmbedding, SwiGLU, apply_rotary,
+                           apply_rotary_pos_emb, resolve_attn_backend, rms_norm, swiglu_intermediate_size)
 
 
 def test_trunc_normal_has_requested_std_and_jax_clip():
@@ -82,9 +82,21 @@ def test_rope_tables_and_relative_positions():
     assert torch.allclose(dots[1, 4], dots[5, 8], atol=1e-5)
 
 
-def test_attention_sdpa_matches_plain_softmax_reference():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_joint_rotary_is_bit_identical_to_original_formula(dtype):
     g = torch.Generator().manual_seed(0)
-    attn = Attention(hidden_size=32, head_dim=8, num_heads=4, num_key_value_heads=4, backend="sdpa", generator=g)
+    cos, sin = RotaryEmbedding(16, 12, 10000.0)()
+    q = torch.randn(3, 12, 4, 16, generator=g).to(dtype)
+    k = torch.randn(3, 12, 4, 16, generator=g).to(dtype)
+    q_ref, k_ref = apply_rotary_pos_emb(q, k, cos, sin)
+    qk = apply_rotary(torch.cat((q, k), dim=2), cos, sin)
+    assert torch.equal(qk[:, :, :4], q_ref) and torch.equal(qk[:, :, 4:], k_ref)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+def test_attention_matches_plain_softmax_reference(backend):
+    g = torch.Generator().manual_seed(0)
+    attn = Attention(hidden_size=32, head_dim=8, num_heads=4, num_key_value_heads=4, backend=backend, generator=g)
     x = torch.randn(2, 6, 32, generator=g)
     cos, sin = RotaryEmbedding(8, 6, 10000.0)()
     out = attn(x, cos_sin=(cos, sin))
@@ -98,9 +110,29 @@ def test_attention_sdpa_matches_plain_softmax_reference():
     assert torch.allclose(out, ref, atol=1e-5)
 
 
+def test_math_and_sdpa_backends_agree_in_bf16_with_gradients():
+    g = torch.Generator().manual_seed(0)
+    a_math = Attention(64, 32, 2, 2, backend="math", generator=g)
+    a_sdpa = Attention(64, 32, 2, 2, backend="sdpa")
+    a_sdpa.load_state_dict(a_math.state_dict())
+    cos_sin = RotaryEmbedding(32, 20, 10000.0)()
+    x = torch.randn(4, 20, 64, generator=g).bfloat16()
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    o1, o2 = a_math(x1, cos_sin), a_sdpa(x2, cos_sin)
+    assert torch.allclose(o1.float(), o2.float(), atol=3e-2, rtol=2e-2)
+    w = torch.randn(o1.shape, generator=g)
+    (o1.float() * w).sum().backward()
+    (o2.float() * w).sum().backward()
+    rel = (x1.grad.float() - x2.grad.float()).norm() / x2.grad.float().norm()
+    assert rel < 0.02
+    rel_w = (a_math.qkv_proj.weight.grad - a_sdpa.qkv_proj.weight.grad).norm() / a_sdpa.qkv_proj.weight.grad.norm()
+    assert rel_w < 0.02
+
+
 def test_attention_backend_choice_is_explicit():
     assert resolve_attn_backend("sdpa", "cpu") == "sdpa"
-    assert resolve_attn_backend("auto", "cpu") == "sdpa"
+    assert resolve_attn_backend("auto", "cpu") == "math"
+    assert resolve_attn_backend("math", "cpu") == "math"
     with pytest.raises(ValueError):
         resolve_attn_backend("xformers", "cpu")
     try:
@@ -117,7 +149,8 @@ def test_flash_and_sdpa_agree_on_gpu():
     x = torch.randn(4, 20, 64, generator=g).cuda().bfloat16()
     cos, sin = RotaryEmbedding(32, 20, 10000.0).cuda()()
     out_auto = attn(x, cos_sin=(cos, sin))
-    attn_sdpa = Attention(64, 32, 2, 2, backend="sdpa").cuda()
-    attn_sdpa.load_state_dict(attn.state_dict())
-    out_sdpa = attn_sdpa(x, cos_sin=(cos, sin))
-    assert torch.allclose(out_auto.float(), out_sdpa.float(), atol=2e-2)
+    for backend in ("sdpa", "math"):
+        other = Attention(64, 32, 2, 2, backend=backend).cuda()
+        other.load_state_dict(attn.state_dict())
+        out = other(x, cos_sin=(cos, sin))
+        assert torch.allclose(out_auto.float(), out.float(), atol=2e-2), backend
