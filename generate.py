@@ -5,8 +5,9 @@
 
 Every key can also be given as `--key value`. The tokenizer is the `tokenizer.json` written with the
 dataset (LMDATA): `tokenizer=PATH`, else one next to the checkpoint, else `<data_path>/tokenizer.json`
-from the checkpoint's config. A prompt longer than the model's `max_prompt_len` is truncated to its
-last tokens with a warning (`prompt_overflow=truncate`, default) or refused (`prompt_overflow=error`).
+from the checkpoint's config. A prompt longer than the model accepts (arch.max_prompt_len; 0 = the
+training seq_len, -1 = no limit) is truncated to its last tokens with a warning
+(`prompt_overflow=truncate`, default) or refused (`prompt_overflow=error`).
 The generated text goes to stdout as it comes; a summary line (tokens, seconds, HRM segments) to stderr.
 """
 from __future__ import annotations
@@ -58,7 +59,7 @@ HELP = {
     "seed": "seed of the sampling generator",
     "num_samples": "number of continuations to draw",
     "tokenizer": "tokenizer.json (default: next to the checkpoint, else <data_path>/tokenizer.json)",
-    "prompt_overflow": "prompt longer than arch.max_prompt_len: truncate (keep the end, warn) or error",
+    "prompt_overflow": "prompt longer than the model accepts: truncate (keep the end, warn) or error",
     "device": "cpu, cuda, cuda:1, ...",
     "echo_prompt": "print the prompt before the continuation (true/false)",
 }
@@ -166,7 +167,7 @@ def run(cfg: GenerateConfig, out=sys.stdout) -> dict:
                             f"{mc.bos_id}/{mc.eos_id}")
 
     text = Path(cfg.prompt_file).read_text(encoding="utf-8") if cfg.prompt_file else cfg.prompt
-    ids = prepare_prompt(tok.encode(text), mc.max_prompt_len, cfg.prompt_overflow)
+    ids = prepare_prompt(tok.encode(text), model.prompt_limit, cfg.prompt_overflow)
     # An empty prompt is one padding position with mask False (the model handles prompts with no tokens).
     enc = torch.tensor([ids or [mc.pad_id]], dtype=torch.long, device=device)
     mask = torch.tensor([[True] * len(ids) or [False]], dtype=torch.bool, device=device)

@@ -226,7 +226,7 @@ def test_training_runs_all_segments_and_halting_loss():
     assert abs(float(m["ce_sum"]) - float(ce)) < 1e-3 and float(m["num_tokens"]) == mask.sum()
     red = head.reduce_metrics({k: float(v) for k, v in m.items()}, "eval", 3)
     assert abs(red["ppl"] - math.exp(red["ce"])) < 1e-9 and abs(red["ce"] - float(ce) / float(mask.sum())) < 1e-5
-    assert abs(red["halt/steps"] - 3.0) < 1e-6
+    assert red["halt/steps"] == 3.0 and abs(red["halt/sum_p"] - float(out["halt_probs"].sum(-1).mean())) < 1e-5
     train_red = head.reduce_metrics({k: float(v) for k, v in m.items()}, "train", 6)
     assert abs(train_red["lm_loss"] - float(per_row[-1]) / 6) < 1e-5
 

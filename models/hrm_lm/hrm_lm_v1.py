@@ -307,7 +307,8 @@ class HRMLanguageModelConfig:
     pad_id: int = 0
     bos_id: int = 1
     eos_id: int = 2
-    max_prompt_len: int = 0  # longest prompt the model accepts at generation (0 = unlimited)
+    # Longest prompt accepted at generation: 0 = seq_len (the training length the trainer injects), -1 = no limit.
+    max_prompt_len: int = 0
 
     hidden_size: int = 256
     num_heads: int = 4
@@ -463,6 +464,12 @@ class HRMLanguageModel(nn.Module):
         p0 = 1.0 / cfg.halt_max_steps
         self.halt_head.bias.fill_(math.log(p0 / (1 - p0)) if p0 < 1 else 0.0)
         self.gate_proj.bias.fill_(cfg.gate_init_bias)
+
+    @property
+    def prompt_limit(self) -> int:
+        """Longest prompt generation accepts (0 = unlimited)."""
+        c = self.config
+        return max(c.max_prompt_len, 0) if c.max_prompt_len != 0 else max(c.seq_len, 0)
 
     # ---- schedule hooks -------------------------------------------------------------------------
     def gate_scale_at(self, step: int) -> float:

@@ -13,8 +13,8 @@ that loss on the batch's flattened valid tokens. mean_gate is detached: the halt
 close the gate. The trainer multiplies by 1/global_batch_size, giving the batch mean.
 
 Metrics are sums over rows (count, lm_loss, accuracy, ...) or over tokens (ce_sum, num_tokens), so they
-add up across batches and ranks; reduce_metrics turns them into means, ce and ppl. gate/* and moe/* are
-batch means already.
+add up across batches and ranks; reduce_metrics turns them into means, ce and ppl. Keys with a "/"
+(gate/*, halt/*, moe/*) are batch means already; the trainer averages those over batches and ranks.
 """
 from __future__ import annotations
 
@@ -92,8 +92,8 @@ class LMLossHead(nn.Module):
         for key, value in sums.items():
             if key == "count":
                 continue
-            if key.startswith(("gate/", "moe/")):
-                out[key] = value  # already means (the trainer averages them over ranks)
+            if "/" in key:
+                out[key] = value  # gate/, halt/, moe/: batch means already (the trainer averages them)
             elif key in ("ce_sum", "num_tokens"):
                 continue
             elif mode == "train" and key.endswith("loss"):
@@ -156,6 +156,7 @@ class LMLossHead(nn.Module):
         with torch.no_grad():
             token_correct = (out["logits"].argmax(-1) == labels) & mask
             v = valid_row.to(torch.float32)
+            n_rows = v.sum().clamp_min(1.0)
             metrics.update({
                 "count": v.sum(),
                 "lm_loss": (final_rows.detach() * v).sum(),
@@ -163,8 +164,8 @@ class LMLossHead(nn.Module):
                 "num_tokens": mask.sum().to(torch.float32),
                 "accuracy": (token_correct.sum(-1) / divisor * v).sum(),
                 "exact_accuracy": ((token_correct.sum(-1) == counts) & valid_row).sum().to(torch.float32),
-                "halt/sum_p": (out["halt_probs"].sum(-1) * v).sum(),
-                "halt/steps": (out["steps"].to(torch.float32) * v).sum(),
+                "halt/sum_p": (out["halt_probs"].sum(-1) * v).sum() / n_rows,
+                "halt/steps": (out["steps"].to(torch.float32) * v).sum() / n_rows,
                 "gate/mean": out["gate/mean"].detach(),
                 "gate/min": out["gate/min"].detach(),
                 "gate/max": out["gate/max"].detach(),
