@@ -447,6 +447,9 @@ def setup_run(cfg: PretrainConfig, info: DistInfo, group: Optional[str]) -> Run:
     if latest is not None:
         restore(run, latest, weights_only=cfg.reset_progress)
         resume_step = run.step
+        if cfg.reset_progress and info.is_main:
+            ckpt.archive_run(run_dir, "before_reset")  # so the next auto-resume finds the new progress
+        barrier(info)
         if info.is_main:
             what = "weights only (reset_progress)" if cfg.reset_progress else f"step {run.step}"
             print(f"resuming from {latest}: {what}", flush=True)

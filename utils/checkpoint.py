@@ -304,3 +304,81 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
     os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Rebuilding a model from a checkpoint alone (evaluate.py, generate.py)
+
+def _find(weights: dict[str, torch.Tensor], suffix: str) -> torch.Tensor | None:
+    return next((v for k, v in weights.items() if k.endswith(suffix)), None)
+
+
+def _injected_from_original(raw: dict, weights: dict[str, torch.Tensor], data_path: str | None) -> dict:
+    """The arch keys the original injected at training time, recovered from the data's metadata when
+    it is there, else from the weights' shapes."""
+    injected: dict[str, Any] = {"batch_size": int(raw.get("global_batch_size", 1))}
+    meta_file = Path(data_path or raw.get("data_path", "")) / "train" / "dataset.json"
+    if meta_file.is_file():
+        meta = json.loads(meta_file.read_text())
+        injected.update({k: meta[k] for k in ("seq_len", "vocab_size", "num_puzzle_identifiers")})
+    emb = _find(weights, "embed_tokens.embedding_weight")
+    if emb is not None:
+        injected.setdefault("vocab_size", int(emb.shape[0]))
+    table = _find(weights, "puzzle_emb.weights")
+    injected.setdefault("num_puzzle_identifiers", int(table.shape[0]) if table is not None else 1)
+    if "seq_len" not in injected:
+        pos = _find(weights, "embed_pos.embedding_weight")
+        if pos is None:
+            raise CheckpointError(f"cannot tell seq_len of this checkpoint: pass data_path=<the dataset it was "
+                                  f"trained on> (no {meta_file})")
+        arch = raw["arch"]
+        puzzle_len = -(-int(arch.get("puzzle_emb_ndim", 0)) // int(arch.get("hidden_size", 512)))
+        injected["seq_len"] = int(pos.shape[0]) - puzzle_len
+    return injected
+
+
+def load_model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
+                               data_path: str | None = None):
+    """-> (PretrainConfig, loss head in eval mode on `device`).
+
+    `path`: one of our `step_N` dirs (or a run dir: its newest step), our `model.safetensors`, or the
+    original's `step_N` file with `all_config.yaml` beside it."""
+    from omegaconf import OmegaConf
+
+    from utils.config import build_config
+    from utils.modeling import build_head
+
+    weights_file, kind = resolve_checkpoint(path)
+    cfg_file = weights_file.parent / (CONFIG_FILE if kind == "ours" else "all_config.yaml")
+    if not cfg_file.is_file():
+        raise CheckpointError(f"checkpoint '{path}': no {cfg_file.name} beside the weights ({cfg_file})")
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(cfg_file), resolve=True)
+    except Exception as e:  # YAML errors come in several classes
+        raise CheckpointError(f"{cfg_file}: not a readable config ({str(e).splitlines()[0]})") from None
+    if data_path is not None:
+        raw["data_path"] = data_path
+    weights = load_weights(weights_file)
+    injected = {} if kind == "ours" else _injected_from_original(raw, weights, data_path)
+    cfg = build_config(raw)
+    head = build_head(cfg.arch, injected, seed=cfg.seed)
+    apply_weights(head, weights, str(weights_file))
+    head.to(device)
+    head.eval()
+    return cfg, head
+
+
+def archive_run(run_dir: str | os.PathLike, name: str) -> Path:
+    """Move a run's checkpoints, best model and logs into `<run_dir>/<name>/` (replacing an older one),
+    leaving the run dir empty for a fresh start (reset_progress)."""
+    run_dir = Path(run_dir)
+    target = run_dir / name
+    if target.exists():
+        shutil.rmtree(target)
+    staging = run_dir / f".tmp-{name}-{os.getpid()}"
+    staging.mkdir()
+    for p in list(run_dir.iterdir()):
+        if STEP_RE.match(p.name) or p.name in ("best", "metrics.jsonl", "wandb_id.txt"):
+            os.replace(p, staging / p.name)
+    os.replace(staging, target)
+    return target

@@ -3,6 +3,7 @@ directory that always gets the same flat metrics (`train/lm_loss`, `eval/exact_a
 from __future__ import annotations
 
 import json
+import secrets
 import math
 import os
 from pathlib import Path
@@ -29,7 +30,7 @@ class MetricLogger:
             import wandb
             # One W&B run per run directory: a resumed run continues the same W&B run.
             id_file = self.run_dir / "wandb_id.txt"
-            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
             if not id_file.is_file():
                 id_file.write_text(run_id + "\n")
             self.wandb_run = wandb.init(project=project, name=run_name, config=config, group=group,

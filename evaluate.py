@@ -1,0 +1,133 @@
+"""Evaluate a checkpoint on a dataset split; write predictions and metrics (and ARC pass@K + submission).
+
+    python evaluate.py checkpoint=checkpoints/<project>/<run>/step_N
+    python evaluate.py checkpoint=path/to/original/step_26040 data_path=data/sudoku-extreme-1k-aug-1000
+    torchrun --nproc-per-node 8 evaluate.py checkpoint=...
+
+Accepts our step dirs and the original's `step_N` files (with `all_config.yaml` beside them). Writes to
+`output_dir` (default: the step dir, or `<file>_eval/` for an original checkpoint):
+  predictions.npz  inputs, labels, puzzle_identifiers, preds (argmax tokens), q_halt_logits; real rows only
+  metrics.json     the flat eval/... metrics (+ arc/pass@1, pass@2, pass@10 for ARC datasets)
+  submission.json  ARC-Prize format (ARC datasets only)"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from utils.checkpoint import CheckpointError, load_model_from_checkpoint, resolve_checkpoint, write_json_atomic
+from utils.data import data_errors, dataset_kind, make_dataset, make_loader, validate_dataset
+from utils.distributed import init_distributed, shutdown_distributed
+from utils.evaluation import evaluate
+from utils.schema import ConfigError
+
+SAVE_KEYS = ["inputs", "labels", "puzzle_identifiers", "preds", "q_halt_logits"]
+OPTIONS = ("checkpoint", "data_path", "output_dir", "eval_batch_size", "max_eval_batches", "device", "split", "arc")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """`key=value` words (the original's style) and `--key value` flags, same names."""
+    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="key=value, keys: " + ", ".join(OPTIONS))
+    parser.add_argument("--checkpoint")
+    parser.add_argument("--data-path", dest="data_path")
+    parser.add_argument("--output-dir", dest="output_dir")
+    parser.add_argument("--eval-batch-size", dest="eval_batch_size", type=int)
+    parser.add_argument("--max-eval-batches", dest="max_eval_batches", type=int)
+    parser.add_argument("--device", default=None, help="auto | cpu | cuda (default auto)")
+    parser.add_argument("--split", default=None, help="dataset split (default test)")
+    parser.add_argument("--arc", default=None, help="auto | true | false: ARC voting and pass@K (default auto)")
+    args = parser.parse_args(argv)
+    from utils.schema import unknown_key_message
+    for word in args.overrides:
+        if "=" not in word:
+            raise ConfigError(f"argument '{word}' is not key=value (keys: {', '.join(OPTIONS)})")
+        key, value = word.split("=", 1)
+        if key not in OPTIONS:
+            raise ConfigError(unknown_key_message(key, OPTIONS, ""))
+        if key in ("eval_batch_size", "max_eval_batches"):
+            try:
+                value = int(value)
+            except ValueError:
+                raise ConfigError(f"'{key}' expects an integer, got {value!r}") from None
+        setattr(args, key, value)
+    if not args.checkpoint:
+        raise ConfigError("checkpoint=<step dir or original step_N file> is required")
+    args.device = args.device or "auto"
+    args.split = args.split or "test"
+    args.arc = (args.arc or "auto").lower()
+    if args.arc not in ("auto", "true", "false"):
+        raise ConfigError(f"'arc' must be auto, true or false; got {args.arc!r}")
+    return args
+
+
+def is_arc_dataset(data_path: str) -> bool:
+    meta_file = Path(data_path) / "train" / "dataset.json"
+    if not (Path(data_path) / "identifiers.json").is_file() or not meta_file.is_file():
+        return False
+    meta = json.loads(meta_file.read_text())
+    return meta.get("seq_len") == 900 and meta.get("vocab_size") == 12
+
+
+def run(args: argparse.Namespace) -> dict:
+    info = init_distributed(args.device)
+    t0 = time.time()
+    cfg, head = load_model_from_checkpoint(args.checkpoint, device=info.device, data_path=args.data_path)
+    data_path = cfg.data_path
+    validate_dataset(data_path)
+    gbs = args.eval_batch_size or cfg.eval_batch_size or cfg.global_batch_size
+    if gbs % info.world_size:
+        raise ConfigError(f"eval_batch_size {gbs} must be divisible by world_size {info.world_size}")
+    dataset = make_dataset(data_path, args.split, seed=cfg.seed, global_batch_size=gbs, test_set_mode=True,
+                           epochs_per_iter=1, rank=info.rank, world_size=info.world_size)
+    puzzle = dataset_kind(data_path) == "puzzle"
+    metrics, outputs = evaluate(head, make_loader(dataset, num_workers=1), info, device=info.device,
+                                mixed_precision=cfg.mixed_precision, max_batches=args.max_eval_batches,
+                                save_keys=SAVE_KEYS if puzzle else [], global_batch_size=gbs, progress=True)
+    if not info.is_main:
+        return metrics
+
+    weights_file, kind = resolve_checkpoint(args.checkpoint)
+    out_dir = Path(args.output_dir) if args.output_dir else (
+        weights_file.parent if kind == "ours" else weights_file.with_name(weights_file.name + "_eval"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if outputs:
+        tmp = out_dir / f".tmp-predictions-{os.getpid()}.npz"
+        np.savez_compressed(tmp, **outputs)
+        os.replace(tmp, out_dir / "predictions.npz")
+    arc = args.arc == "true" or (args.arc == "auto" and puzzle and is_arc_dataset(data_path))
+    if arc and outputs:
+        from utils import arc_scoring
+        tasks = arc_scoring.vote(outputs["inputs"], outputs["labels"], outputs["preds"], outputs["puzzle_identifiers"],
+                                 outputs["q_halt_logits"], arc_scoring.load_identifiers(data_path))
+        metrics.update({f"arc/{k}": v for k, v in arc_scoring.pass_at_k(tasks).items()})
+        write_json_atomic(out_dir / "submission.json", arc_scoring.submission(tasks))
+    metrics["eval/num_examples"] = float(len(outputs["preds"])) if outputs else float("nan")
+    write_json_atomic(out_dir / "metrics.json", metrics)
+    shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.endswith(("accuracy", "pass@1", "pass@2", "ppl")))
+    print(f"evaluated {args.checkpoint} on {data_path}/{args.split}: {shown} ({time.time() - t0:.1f} s); "
+          f"wrote {out_dir}/metrics.json", flush=True)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        run(parse_args(sys.argv[1:] if argv is None else argv))
+    except (ConfigError, CheckpointError) + data_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: nothing partial was written", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()
