@@ -139,7 +139,7 @@ def prepare_prompt(ids: list[int], max_prompt_len: int, overflow: str) -> list[i
     if max_prompt_len and len(ids) > max_prompt_len:
         if overflow == "error":
             raise GenerateError(f"prompt has {len(ids)} tokens but the model accepts at most {max_prompt_len} "
-                                "(arch.max_prompt_len); shorten it or pass prompt_overflow=truncate")
+                                "(arch.max_prompt_len, default the training seq_len); shorten it or pass prompt_overflow=truncate")
         print(f"warning: prompt has {len(ids)} tokens; keeping the last {max_prompt_len} (arch.max_prompt_len)",
               file=sys.stderr)
         ids = ids[-max_prompt_len:]
