@@ -317,3 +317,23 @@ def test_learns_a_copy_task():
         first = ce if first is None else first
         last = ce
     assert first > 2.0 and last < 0.5 * first
+
+
+def test_arch_yamls_compose_and_differ_only_in_encoder(repo_root):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from utils.config import validate_arch
+    from utils.modeling import build_head
+
+    archs = {}
+    for name in ("hrm_lm_mamba", "hrm_lm_transformer"):
+        with initialize_config_dir(config_dir=str(repo_root / "config"), version_base="1.3"):
+            cfg = compose("cfg_pretrain", overrides=[f"arch={name}", "arch.hidden_size=32", "arch.num_heads=1"])
+        archs[name] = OmegaConf.to_container(cfg.arch, resolve=True)
+        validate_arch(archs[name])
+    a, b = archs["hrm_lm_mamba"], archs["hrm_lm_transformer"]
+    assert {k for k in a if a[k] != b[k]} == {"encoder"} and b["encoder"] == "transformer"
+    for arch, backend in ((a, "mamba2["), (b, "transformer")):
+        head = build_head(arch, {"vocab_size": V, "seq_len": 16, "batch_size": 2, "pad_id": 0, "bos_id": 1, "eos_id": 2})
+        assert isinstance(head, LMLossHead) and head.model.encoder.backend.startswith(backend)
