@@ -337,3 +337,17 @@ def test_arch_yamls_compose_and_differ_only_in_encoder(repo_root):
     for arch, backend in ((a, "mamba2["), (b, "transformer")):
         head = build_head(arch, {"vocab_size": V, "seq_len": 16, "batch_size": 2, "pad_id": 0, "bos_id": 1, "eos_id": 2})
         assert isinstance(head, LMLossHead) and head.model.encoder.backend.startswith(backend)
+
+
+def test_one_step_gradient_and_detached_carry():
+    model = tiny(H_cycles=3, L_cycles=2, halt_max_steps=2).train()
+    seen = {"L": [], "H": []}
+    for name, mod in (("L", model.L_level), ("H", model.H_level)):
+        mod.register_forward_hook(lambda m, args, out, name=name: seen[name].append(
+            (torch.is_grad_enabled(), args[0].requires_grad)))
+    fwd(model, make_batch())
+    # per segment: 3*2 L-calls and 3 H-calls; only the last of each runs with grad
+    assert [g for g, _ in seen["L"]] == ([False] * 5 + [True]) * 2
+    assert [g for g, _ in seen["H"]] == ([False] * 2 + [True]) * 2
+    # the carry entering each segment is detached (no BPTT across segments)
+    assert not seen["L"][6][1] and not seen["H"][3][1]
