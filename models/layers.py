@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.common import trunc_normal_init_
+from utils.schema import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -169,35 +170,42 @@ def _import_flash_attn():
         return None, None
 
 
+_FLASH_ATTN_FUNC, _FLASH_ATTN_NAME = _import_flash_attn()  # resolved once: forward stays free of imports
 _logged_backends: set[str] = set()
 
 
 def resolve_attn_backend(requested: str, device: torch.device | str | None = None) -> str:
     """Map the configured backend to the one used on `device`:
-    'auto' -> 'flash' on CUDA when flash-attn imports, 'sdpa' on other accelerators, 'math' on CPU
-    (small sequences; see Attention). 'flash' without flash-attn is an error, never a silent fallback."""
+    'auto' -> 'flash' on CUDA when flash-attn imports, 'math' on CPU (short sequences, see Attention),
+    'sdpa' elsewhere. 'flash' without flash-attn is an error, never a silent fallback."""
     if requested not in ATTN_BACKENDS:
-        raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {requested!r}")
-    fn, name = _import_flash_attn()
-    dev = torch.device(device) if device is not None else torch.device("cpu")
+        raise ConfigError(f"config key 'arch.attn_backend' expects one of {', '.join(ATTN_BACKENDS)}, got {requested!r}")
+    dev_type = torch.device(device).type if device is not None else "cpu"
     if requested == "flash":
-        if fn is None:
-            raise RuntimeError("attn_backend='flash' but neither flash_attn_interface (FA3) nor flash_attn (FA2) is importable")
-        chosen, detail = "flash", name
-    elif requested in ("sdpa", "math"):
-        chosen, detail = requested, "as configured"
-    elif dev.type == "cuda" and fn is not None:
-        chosen, detail = "flash", name
-    elif dev.type == "cpu":
-        # On CPU the SDPA flash kernel's backward is slow at HRM's short sequences (~10x in bf16).
-        chosen, detail = "math", "CPU: explicit softmax(QK^T)V, fp32 scores; SDPA for long sequences"
+        if _FLASH_ATTN_FUNC is None:
+            raise ConfigError("config key 'arch.attn_backend' is 'flash' but neither flash_attn_interface (FA3) nor "
+                              "flash_attn (FA2) is importable; use 'auto' or 'sdpa'")
+        return "flash"
+    if requested in ("sdpa", "math"):
+        return requested
+    if dev_type == "cuda" and _FLASH_ATTN_FUNC is not None:
+        return "flash"
+    # On CPU the SDPA flash kernel's backward is slow at HRM's short sequences (~10x in bf16).
+    return "math" if dev_type == "cpu" else "sdpa"
+
+
+def log_attn_backend_choice(requested: str) -> None:
+    """Say once per process what `requested` resolves to on each kind of device."""
+    if requested in _logged_backends:
+        return
+    _logged_backends.add(requested)
+    flash = _FLASH_ATTN_NAME or "not importable"
+    if requested == "auto":
+        log.info("attention backend auto: CUDA -> %s, CPU -> math (explicit fp32-score softmax; SDPA beyond %d MiB "
+                 "of scores), other devices -> sdpa; flash-attn: %s",
+                 "flash" if _FLASH_ATTN_FUNC is not None else "sdpa", MATH_ATTN_MAX_BYTES >> 20, flash)
     else:
-        chosen, detail = "sdpa", "flash-attn not importable" if fn is None else f"device {dev.type}"
-    key = f"{requested}->{chosen}"
-    if key not in _logged_backends:
-        _logged_backends.add(key)
-        log.info("attention backend: requested %s, using %s (%s)", requested, chosen, detail)
-    return chosen
+        log.info("attention backend %s (as configured); flash-attn: %s", requested, flash)
 
 
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
@@ -219,23 +227,20 @@ class Attention(nn.Module):
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_key_value_heads: int,
                  causal: bool = False, backend: str = "auto", generator: Optional[torch.Generator] = None):
         super().__init__()
-        if backend not in ATTN_BACKENDS:
-            raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {backend!r}")
+        resolve_attn_backend(backend)  # validates; 'flash' without flash-attn fails here, not at the first step
         self.hidden_size = hidden_size
         self.head_dim = head_dim
         self.num_heads = num_heads
         self.num_key_value_heads = num_key_value_heads
         self.causal = causal
-        self.backend = backend  # resolved at first use, on the device the tensors are on
-        self._resolved: Optional[str] = None
+        self.backend = backend  # resolved per call from the tensors' device (a pure function: compile-friendly)
+        log_attn_backend_choice(backend)
         self.qkv_proj = CastedLinear(hidden_size, (num_heads + 2 * num_key_value_heads) * head_dim, bias=False,
                                      generator=generator)
         self.o_proj = CastedLinear(num_heads * head_dim, hidden_size, bias=False, generator=generator)
 
     def _backend_for(self, x: torch.Tensor) -> str:
-        if self._resolved is None:
-            self._resolved = resolve_attn_backend(self.backend, x.device)
-        chosen = self._resolved
+        chosen = resolve_attn_backend(self.backend, x.device)
         if chosen == "flash" and (x.device.type != "cuda" or x.dtype not in (torch.float16, torch.bfloat16)):
             if self.backend == "flash":
                 raise RuntimeError(f"attn_backend='flash' needs fp16/bf16 CUDA tensors, got {x.dtype} on {x.device}")
@@ -257,8 +262,7 @@ class Attention(nn.Module):
 
         backend = self._backend_for(hidden_states)
         if backend == "flash":
-            flash_attn_func, _ = _import_flash_attn()
-            out = flash_attn_func(q, k, v, causal=self.causal)
+            out = _FLASH_ATTN_FUNC(q, k, v, causal=self.causal)
             if isinstance(out, tuple):  # FA3 returns (out, lse)
                 out = out[0]
         else:

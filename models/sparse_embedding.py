@@ -44,6 +44,9 @@ class CastedSparseEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return self.weights[ids].to(self.cast_to)
+        if ids.shape[0] != self.local_ids.shape[0]:
+            raise ValueError(f"CastedSparseEmbedding: training batch has {ids.shape[0]} rows but the embedding was "
+                             f"built for batch_size={self.local_ids.shape[0]} (arch batch_size must be the per-rank batch)")
         with torch.no_grad():
             self.local_weights.copy_(self.weights[ids])
             self.local_ids.copy_(ids)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from models.common import trunc_normal_init_
+from utils.schema import ConfigError
 from models.layers import (Attention, CastedEmbedding, CastedLinear, RotaryEmbedding, SwiGLU, apply_rotary,
                            apply_rotary_pos_emb, resolve_attn_backend, rms_norm, swiglu_intermediate_size)
 
@@ -133,13 +134,13 @@ def test_attention_backend_choice_is_explicit():
     assert resolve_attn_backend("sdpa", "cpu") == "sdpa"
     assert resolve_attn_backend("auto", "cpu") == "math"
     assert resolve_attn_backend("math", "cpu") == "math"
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="attn_backend"):
         resolve_attn_backend("xformers", "cpu")
     try:
         import flash_attn  # noqa: F401
     except ImportError:
-        with pytest.raises(RuntimeError, match="flash"):
-            resolve_attn_backend("flash", "cpu")
+        with pytest.raises(ConfigError, match="flash"):
+            Attention(64, 32, 2, 2, backend="flash")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

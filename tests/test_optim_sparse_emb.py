@@ -95,3 +95,12 @@ def test_two_rank_gloo_equals_single_process(tmp_path):
 def test_optimizer_requires_the_three_buffers():
     with pytest.raises(ValueError, match="3 buffers"):
         CastedSparseEmbeddingSignSGD_Distributed([torch.zeros(2)], world_size=1, lr=0.1)
+
+
+def test_training_batch_must_match_buffer_size():
+    emb = _emb(4)
+    emb.train()
+    with pytest.raises(ValueError, match="batch_size=4"):
+        emb(torch.zeros(3, dtype=torch.int32))
+    emb.eval()
+    assert emb(torch.zeros(3, dtype=torch.int32)).shape == (3, DIM)  # eval accepts any batch (padded test windows)

@@ -64,9 +64,9 @@ class AdamATan2(Optimizer):
                 params, grads, exp_avgs, exp_avg_sqs = (list(x) for x in zip(*items))
                 if wd != 0.0:
                     torch._foreach_mul_(params, 1.0 - lr * wd)
+                # Both moments in the package's lerp form: x += (1 - beta) * (target - x).
                 torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-                torch._foreach_mul_(exp_avg_sqs, beta2)
-                torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+                torch._foreach_lerp_(exp_avg_sqs, torch._foreach_mul(grads, grads), 1.0 - beta2)
 
                 step_size = lr / (1.0 - beta1 ** t)
                 denoms = torch._foreach_sqrt(exp_avg_sqs)
