@@ -89,6 +89,11 @@ def train(cfg: PretrainConfig, group: Optional[str] = None) -> dict:
     info = init_distributed(cfg.device)
     run = setup_run(cfg, info, group)
     t0 = time.time()
+    if run.step >= run.stop_step:
+        run.logger.close()
+        if info.is_main:
+            print(f"nothing to do: {run.run_dir} is already at step {run.step} of {run.stop_step}", flush=True)
+        return {"step": run.step, "seconds": 0.0, "skipped_steps": run.skipped_steps}
     try:
         while run.step < run.stop_step:
             for _set_name, batch, _ in run.train_loader:

@@ -218,3 +218,31 @@ def test_wandb_offline_and_jsonl_hold_the_same_metrics(tiny_data, tmp_path, monk
                 assert rec[key] == pytest.approx(jsonl[step][key], rel=1e-12), (key, step)
                 seen += 1
     assert seen >= 5
+
+
+def test_interrupted_checkpoint_write_leaves_nothing_partial(finished_run, tmp_path, monkeypatch):
+    """Ctrl-C while a checkpoint is being written: no step dir, no temp dir, the previous one intact."""
+    from utils import checkpoint as ckpt
+    run_dir = tmp_path / "ctrlc"
+    shutil.copytree(finished_run, run_dir)
+    before = load_step_weights(run_dir / "step_8")
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt.torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(run_dir, "step_9", before, {"step": 9}, "x: 1\n")
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(run_dir, "step_8", before, {"step": 8}, "x: 1\n")  # overwrite attempt
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith((".tmp", "step_"))) == ["step_4", "step_8"]
+    after = load_step_weights(run_dir / "step_8")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert ckpt.latest_checkpoint(run_dir) == run_dir / "step_8"
+
+
+def test_early_stopping_after_patience(tiny_data, tmp_path, capsys):
+    # lr 0: the metric never improves after the first eval, so patience 2 stops after the 3rd eval
+    summary = train(tiny_overrides(tiny_data, tmp_path / "es", epochs=6, lr=0.0, puzzle_emb_lr=0.0, eval_patience=2,
+                                   **{"save_best.metric": "eval/lm_loss", "save_best.mode": "min"}))
+    assert summary["step"] == 12 and "early stop at step 12" in capsys.readouterr().out
