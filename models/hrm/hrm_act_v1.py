@@ -107,10 +107,7 @@ class HierarchicalReasoningModel_ACTV1ReasoningModule(nn.Module):
     def __init__(self, layers: list[HierarchicalReasoningModel_ACTV1Block], gate: Optional[HRMGate] = None):
         super().__init__()
         self.layers = nn.ModuleList(layers)
-        if gate is not None:
-            self.gate = gate
-        else:
-            self.gate = None
+        self.gate = gate  # None: the original ungated module (no extra state-dict keys)
 
     def forward(self, hidden_states: torch.Tensor, input_injection: torch.Tensor,
                 cos_sin: Optional[CosSin] = None) -> torch.Tensor:
