@@ -151,8 +151,11 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()
-        detail = next((l for l in first if "GLOBAL" in l or "Unsupported" in l), first[0] if first else "")
+        lines = str(e).strip().splitlines()
+        detail = next((l for l in lines if "GLOBAL" in l or "Unsupported global" in l), None)
+        if detail is None:  # not a pickle of objects, just not a checkpoint
+            raise CheckpointError(f"checkpoint '{path}' cannot be read: not a torch checkpoint "
+                                  f"({(lines[-1] if lines else '')[:120]})") from None
         raise CheckpointError(f"checkpoint '{path}' holds pickled Python objects; refused without loading them "
                               f"(only tensors and plain containers are accepted: {detail.strip()[:160]})") from None
     except (RuntimeError, EOFError, OSError) as e:
