@@ -13,7 +13,6 @@ plus JSONL metrics under flat keys, throughput/MFU, early stopping, best-model t
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import resource
 import sys
@@ -331,7 +330,7 @@ def scheduler_state(sched) -> dict:
 def restore(run: Run, path, weights_only: bool) -> None:
     """Resume from a step dir: weights always; with weights_only=False also everything else."""
     info = run.info
-    notes = ckpt.apply_weights(run.head, ckpt.load_weights(path), str(path))
+    ckpt.apply_weights(run.head, ckpt.load_weights(path), str(path))
     if weights_only:
         return
     state = ckpt.load_train_state(path)
@@ -540,7 +539,13 @@ def launch(dict_cfg) -> dict:
 
 
 def main() -> None:
+    import logging
+
     import hydra
+    # Hydra's own logging config is off (no outputs/ dirs); library messages such as the AdamATan2 backend
+    # choice still reach the console, from rank 0 only.
+    logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
+                        format="%(message)s")
     if any(a in ("-h", "--help") for a in sys.argv[1:]):
         print(__doc__)
     try:
