@@ -289,3 +289,17 @@ def test_estimate_flops_counts_target_q_and_backward():
     one = make_model(halt_max_steps=1)
     assert m.estimate_flops(8) > one.estimate_flops(8) > 0
     assert m.estimate_flops(16) == pytest.approx(2 * m.estimate_flops(8), rel=1e-6)
+
+
+def test_learned_positions_and_no_puzzle_embedding():
+    m = make_model(pos_encodings="learned", puzzle_emb_ndim=0)
+    assert m.puzzle_emb is None and m.inner.puzzle_emb_len == 0
+    assert m.inner.embed_pos.embedding_weight.shape == (L, 32)
+    assert not hasattr(m.inner, "rotary_emb")
+    head = ACTLossHead(m, "softmax_cross_entropy")
+    head.train()
+    batch = make_batch()
+    _, loss, metrics, outputs, _ = head(return_keys=["logits"], carry=head.initial_carry(batch), batch=batch)
+    assert outputs["logits"].shape == (B, L, V)
+    loss.backward()
+    assert m.inner.embed_pos.embedding_weight.grad.abs().sum() > 0
