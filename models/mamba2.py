@@ -56,18 +56,6 @@ def _global_rng_untouched(active: bool, device):
 # B, C [b, l, g, n] with h divisible by g (head i reads group i // (h // g)), D [h] or [h, p].
 # ----------------------------------------------------------------------------------------------------
 
-def segsum(a: torch.Tensor) -> torch.Tensor:
-    """a [..., T] -> [..., T, T] with out[..., i, j] = a[j+1] + ... + a[i] for j <= i and -inf above the
-    diagonal, so exp(out) is the causal decay matrix. Summing a masked copy (instead of subtracting two
-    cumulative sums) keeps the entries exact for long chunks where cumsums grow large."""
-    T = a.shape[-1]
-    a_rep = a.unsqueeze(-1).expand(*a.shape, T)                      # [..., T(i), T(j)] = a[i]
-    strictly_lower = torch.ones(T, T, dtype=torch.bool, device=a.device).tril(-1)
-    out = a_rep.masked_fill(~strictly_lower, 0.0).cumsum(dim=-2)
-    lower = torch.ones(T, T, dtype=torch.bool, device=a.device).tril(0)
-    return out.masked_fill(~lower, float("-inf"))
-
-
 def _skip(y: torch.Tensor, x: torch.Tensor, D: torch.Tensor | None) -> torch.Tensor:
     if D is None:
         return y
