@@ -1,7 +1,6 @@
 """Mamba2 (models/mamba2.py): the chunked SSD scan against the float64 recurrence, token-by-token decoding
 against the full forward, gradients, and the mamba_ssm parameter layout."""
 import logging
-import math
 
 import pytest
 import torch
