@@ -16,6 +16,16 @@ TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\n
         "First Citizen:\nYou are all resolved rather to die than to famish?\n\n") * 40
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one thread is faster, and it stays fast when other jobs share the cores
+    (several OpenMP threads per process on a busy 2-core machine spin and slow down 10x or more)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, repo_root):
     root = tmp_path_factory.mktemp("hrm_lm")

@@ -19,8 +19,9 @@ which are BOS + targets < t. gate_scale is a buffer the loss head sets from the 
 HRM half is the learned null vector and the decoder output does not depend on the HRM core at all.
 
 Training runs every segment (deep supervision: the loss head puts a decoder loss on each segment's
-memory). Eval / generation halt per sequence once the running sum of p_s reaches halt_threshold; halted
-rows leave the batch, and the segment loop stops when every row has halted.
+memory). Eval / generation halt per sequence once its halting criterion is met (p_s >= halt_threshold,
+or for halt_objective=sum_target the running sum of p_s); halted rows leave the batch, and the segment
+loop stops when every row has halted.
 """
 from __future__ import annotations
 
@@ -339,7 +340,13 @@ class HRMLanguageModelConfig:
     H_cycles: int = 2
     L_cycles: int = 2
     halt_max_steps: int = 2
-    halt_threshold: float = 0.99  # inference: a row halts once sum of its halting probabilities >= this
+    # Halting. "improvement": p_s is trained (BCE) toward 1 where one more segment would lower the row's
+    # decoder CE by less than halt_tolerance nats, and a row halts at the first p_s >= halt_threshold (an
+    # LM analogue of HRM's q_halt). "sum_target": the seed's regularizer (sum_s p_s - halting_target)^2, and
+    # a row halts once its running sum of p_s reaches halt_threshold.
+    halt_objective: str = "improvement"
+    halt_threshold: float = 0.5
+    halt_tolerance: float = 0.01
 
     # Gated bridge
     gate_mode: str = "token"  # token: one gate per prompt token | channel: one per token and channel
@@ -353,7 +360,7 @@ class HRMLanguageModelConfig:
     # Training objectives (read by the loss head)
     ds_weight: float = 0.1  # weight of each earlier segment's decoder loss; the final segment has weight 1
     halting_weight: float = 0.01
-    halting_target: float = 1.0  # target of sum_s p_s
+    halting_target: float = 1.0  # sum_target objective: target of sum_s p_s
     seed: int = 0  # seeds the MoE dropout generator
 
 
@@ -373,6 +380,8 @@ def validate_config(c: HRMLanguageModelConfig) -> None:
         bad("encoder_ffn", "'none' is only allowed with encoder=mamba2")
     if c.encoder_ffn == "moe" and not 1 <= c.moe_top_k <= c.moe_num_experts:
         bad("moe_top_k", f"must be in [1, moe_num_experts={c.moe_num_experts}], got {c.moe_top_k}")
+    if c.halt_objective not in ("improvement", "sum_target"):
+        bad("halt_objective", f"must be 'improvement' or 'sum_target', got {c.halt_objective!r}")
     if c.gate_mode not in ("token", "channel"):
         bad("gate_mode", f"must be 'token' or 'channel', got {c.gate_mode!r}")
     for key in ("H_cycles", "L_cycles", "halt_max_steps", "H_layers", "L_layers", "decoder_layers"):
@@ -459,11 +468,19 @@ class HRMLanguageModel(nn.Module):
         nn.init.trunc_normal_(self.L_init, std=1.0, a=-2.0, b=2.0, generator=generator)
         lecun_normal_(self.hrm_null, D, generator)
         lecun_normal_(self.memory_null, D, generator)
-        # Halting head starts input-independent with p_s = 1/halt_max_steps, so sum_s p_s starts at 1.
+        # Halting head starts input-independent: improvement -> p = sigmoid(-2) = 0.12, below any sensible
+        # threshold, so an untrained model runs every segment; sum_target -> p_s = 1/halt_max_steps, so
+        # sum_s p_s starts at the default target of 1.
         self.halt_head.weight.zero_()
         p0 = 1.0 / cfg.halt_max_steps
-        self.halt_head.bias.fill_(math.log(p0 / (1 - p0)) if p0 < 1 else 0.0)
+        if cfg.halt_objective == "improvement":
+            self.halt_head.bias.fill_(-2.0)
+        else:
+            self.halt_head.bias.fill_(math.log(p0 / (1 - p0)) if p0 < 1 else 0.0)
         self.gate_proj.bias.fill_(cfg.gate_init_bias)
+        # HRM memory projection starts at zero: when the gate first opens the decoder sees (1 - g) * m_null,
+        # not random features, so the gate is not slammed shut by noise before W_m has learned anything.
+        self.hrm_out.weight.zero_()
 
     @property
     def prompt_limit(self) -> int:
@@ -593,7 +610,7 @@ class HRMLanguageModel(nn.Module):
             z_H, z_L = self.hrm_segment(z_H.detach(), z_L.detach(), x, key_mask, rope)
             halt_probs.append(self.halt_prob(z_H, key_mask))
             last = s == c.halt_max_steps - 1
-            if last or c.ds_weight > 0:
+            if last or c.ds_weight > 0 or c.halt_objective == "improvement":
                 # Deep-supervision passes go through the same gate as the final one.
                 memory, mem_mask, gate = self.bridge(enc, z_H, key_mask)
                 segment_logits.append(self.decode(decoder_input_ids, self.memory_kv(memory), mem_mask))
@@ -603,8 +620,9 @@ class HRMLanguageModel(nn.Module):
 
     @torch.no_grad()
     def reason_adaptive(self, enc: torch.Tensor, key_mask: torch.Tensor):
-        """Inference HRM loop with per-row halting: a row stops after the segment where its running sum of
-        halting probabilities reaches halt_threshold (or at halt_max_steps). Only still-running rows are
+        """Inference HRM loop with per-row halting: a row stops after the segment where its halting
+        probability (halt_objective=improvement) or running sum of halting probabilities (sum_target)
+        reaches halt_threshold, or at halt_max_steps. Only still-running rows are
         computed, and the loop ends when none is left (one host sync per segment, inference only).
         -> final z_H [B,Lp,D], halt_probs [B, halt_max_steps] (0 after halting), steps [B]."""
         c = self.config
@@ -625,7 +643,8 @@ class HRMLanguageModel(nn.Module):
             halt_probs[active, s] = p
             cum[active] += p
             steps[active] = s + 1
-            done = (cum[active] >= c.halt_threshold) | (s == c.halt_max_steps - 1)
+            crit = cum[active] if c.halt_objective == "sum_target" else p
+            done = (crit >= c.halt_threshold) | (s == c.halt_max_steps - 1)
             final_H[active[done]] = h[done]
             active = active[~done]
             if active.numel() == 0:

@@ -6,11 +6,15 @@ All segments run inside one call (deep supervision), so the carry is trivial and
 
 loss (training) = sum over rows of
       token_loss(final segment) + ds_weight * sum_{earlier segments} token_loss(segment)
-    + halting_weight * mean_gate * (sum_s p_s - halting_target)^2
+    + halting_weight * mean_gate * halt_loss
     + moe_aux_loss_weight * moe_aux            (a batch quantity, counted once per row)
 where token_loss is the row's mean over its valid tokens (cross_entropy), or, for a pytorch_optimizer loss,
-that loss on the batch's flattened valid tokens. mean_gate is detached: the halting penalty should not
-close the gate. The trainer multiplies by 1/global_batch_size, giving the batch mean.
+that loss on the batch's flattened valid tokens, and halt_loss is, per row,
+    halt_objective=improvement: sum_{s<S} BCE(p_s, [CE_s - CE_{s+1} < halt_tolerance])  (CE_s: the row's
+        mean decoder cross-entropy after segment s; "one more segment would not help" -> halt)
+    halt_objective=sum_target:  (sum_s p_s - halting_target)^2   (the seed's regularizer)
+mean_gate is detached: the halting loss should not close the gate; it also silences halting while the
+gate is closed, when every segment decodes identically and the targets carry no information. The trainer multiplies by 1/global_batch_size, giving the batch mean.
 
 Metrics are sums over rows (count, lm_loss, accuracy, ...) or over tokens (ce_sum, num_tokens), so they
 add up across batches and ranks; reduce_metrics turns them into means, ce and ppl. Keys with a "/"
@@ -141,13 +145,24 @@ class LMLossHead(nn.Module):
         loss = lm_loss
         metrics = {}
         if self.training:
-            ds = [self.token_loss(lg, labels, mask, divisor)[0].sum() for lg in out["segment_logits"][:-1]]
-            if ds:
-                ds_loss = torch.stack(ds).sum()
+            earlier = out["segment_logits"][:-1]
+            if cfg.ds_weight > 0 and earlier:
+                ds_loss = torch.stack([self.token_loss(lg, labels, mask, divisor)[0].sum() for lg in earlier]).sum()
                 loss = loss + cfg.ds_weight * ds_loss
                 metrics["ds_loss"] = ds_loss.detach()
-            halt_sum = out["halt_probs"].sum(-1)  # [B]
-            halt_loss = ((halt_sum - cfg.halting_target).square() * valid_row).sum()
+            if cfg.halt_objective == "sum_target":
+                halt_sum = out["halt_probs"].sum(-1)  # [B]
+                halt_loss = ((halt_sum - cfg.halting_target).square() * valid_row).sum()
+            else:
+                with torch.no_grad():
+                    seg_ce = torch.stack([F.cross_entropy(lg.transpose(1, 2), labels, ignore_index=IGNORE_LABEL_ID,
+                                                          reduction="none").sum(-1) / divisor
+                                          for lg in out["segment_logits"]], 1)  # [B, S]
+                    halt_target = (seg_ce[:, :-1] - seg_ce[:, 1:] < cfg.halt_tolerance).float()
+                p = out["halt_probs"][:, :-1].clamp(1e-6, 1 - 1e-6)
+                halt_loss = (F.binary_cross_entropy(p, halt_target, reduction="none").sum(-1) * valid_row).sum()
+                if halt_target.numel():
+                    metrics["halt/target_frac"] = (halt_target.mean(-1) * valid_row).sum() / valid_row.sum().clamp_min(1)
             loss = loss + cfg.halting_weight * out["gate/mean"].detach() * halt_loss
             metrics["halt_loss"] = halt_loss.detach()
             if cfg.encoder_ffn == "moe":
