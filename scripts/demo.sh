@@ -4,6 +4,9 @@
 # (e.g. `bash scripts/demo.sh epochs=4`). SKIP_SETUP=1 skips scripts/setup.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# One intra-op thread: this model is small, and two OpenMP threads on a core shared with any other busy
+# process slow down by over 10x (threads wait for each other); one thread only shares fairly.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 start=$(date +%s)
 [ "${SKIP_SETUP:-0}" = 1 ] || bash scripts/setup.sh
 setup_done=$(date +%s)
