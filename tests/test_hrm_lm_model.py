@@ -112,7 +112,19 @@ def test_gate_warmup_isolates_decoder_from_hrm_then_opens(gate_mode):
     assert float(opened["gate/mean"]) > 0
     model.zero_grad()
     head(carry={}, batch=batch)[1].backward()
+    # W_m starts at zero (opening is a no-op); it learns first, then the HRM core receives gradient
+    assert model.hrm_out.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 0.01 * p.grad
+    model.zero_grad()
+    head(carry={}, batch=batch)[1].backward()
     assert model.L_level.layers[0].mlp.down.weight.grad.abs().sum() > 0
+    head.on_train_step(3)
+    closed = fwd(model, batch)
+    head.on_train_step(10)
+    opened = fwd(model, batch)
 
     _perturb_hrm(model)
     head.on_train_step(3)

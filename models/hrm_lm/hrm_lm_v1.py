@@ -10,7 +10,8 @@ Data flow for one example (B = batch, Lp = prompt length, Lt = target length, D 
         (only the last L and H update of a segment is differentiated; the carry is detached between
          segments), halting probability p_s = sigmoid(w . mean_valid(z_H))
     g = gate_scale * sigmoid(W_g z_H)          [B,Lp,1] (per token) or [B,Lp,D] (per channel)
-    memory = [null ; e ; g * W_m z_H + (1 - g) * m_null]                     [B, 1 + 2Lp, D]
+    memory = [null ; e ; g * h + (1 - g) * m_null],  h = m_null + W_m z_H     [B, 1 + 2Lp, D]
+             (= m_null + g * W_m z_H: the HRM states are projected with the null memory as their bias)
     decoder_input_ids [B,Lt] --causal self-attn + cross-attn to memory--> logits [B,Lt,V]
 
 No leak: the encoder and the HRM core see only encoder_ids; decoder position t sees decoder inputs <= t,
@@ -478,8 +479,10 @@ class HRMLanguageModel(nn.Module):
         else:
             self.halt_head.bias.fill_(math.log(p0 / (1 - p0)) if p0 < 1 else 0.0)
         self.gate_proj.bias.fill_(cfg.gate_init_bias)
-        # HRM memory projection starts at zero: when the gate first opens the decoder sees (1 - g) * m_null,
-        # not random features, so the gate is not slammed shut by noise before W_m has learned anything.
+        # HRM memory projection starts at zero, so opening the gate is at first an exact no-op: the decoder,
+        # which co-adapted with m_null during warmup, is not perturbed, and the gate gets no gradient until
+        # W_m carries something. (With random W_m, or with g scaling m_null itself, Adam shut the gate to
+        # ~1e-4 within 100 steps of opening on tinyshakespeare, saturating the sigmoid.)
         self.hrm_out.weight.zero_()
 
     @property
@@ -550,7 +553,8 @@ class HRMLanguageModel(nn.Module):
     def bridge(self, enc_states, z_H, key_mask):
         """-> memory [B, 1+2Lp, D], memory mask [B, 1+2Lp], effective gate [B, Lp, 1|D]."""
         gate = self.gate_scale.to(z_H.dtype) * torch.sigmoid(self.gate_proj(z_H))
-        hrm_mem = gate * self.hrm_out(z_H) + (1.0 - gate) * self.hrm_null.to(z_H.dtype)
+        # g * (m_null + W_m z_H) + (1 - g) * m_null, written in its cheaper, equal form.
+        hrm_mem = self.hrm_null.to(z_H.dtype) + gate * self.hrm_out(z_H)
         B = enc_states.shape[0]
         null = self.memory_null.to(enc_states.dtype).expand(B, 1, -1)
         memory = torch.cat([null, enc_states, hrm_mem], dim=1)
