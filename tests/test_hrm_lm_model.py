@@ -294,8 +294,10 @@ def test_loss_by_name_from_pytorch_optimizer():
         LMLossHead(model, loss_name="crossentropy")
     with pytest.raises(ConfigError, match="does not fit loss"):
         LMLossHead(model, loss_name="focalloss", loss_kwargs={"gama": 2})
+    plain = LMLossHead(model)
     smooth = LMLossHead(model, loss_kwargs={"label_smoothing": 0.1})
-    assert torch.isfinite(smooth(carry={}, batch=batch)[1])
+    (_, l0, m0, _, _), (_, l1, m1, _, _) = plain(carry={}, batch=batch), smooth(carry={}, batch=batch)
+    assert float(l1) != float(l0) and float(m1["ce_sum"]) == float(m0["ce_sum"])  # ce/ppl stay the true CE
 
 
 def test_config_errors_and_seeded_init(monkeypatch):

@@ -114,13 +114,16 @@ class LMLossHead(nn.Module):
 
     # ---- loss -----------------------------------------------------------------------------------
     def token_loss(self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, divisor: torch.Tensor):
-        """-> (per-row loss [B] whose sum is this segment's contribution, per-token CE [B, Lt])."""
+        """-> (per-row loss [B] whose sum is this segment's contribution, per-token true CE [B, Lt] for the
+        ce/ppl metrics, i.e. without label smoothing)."""
         V = logits.shape[-1]
-        ce = F.cross_entropy(logits.reshape(-1, V), labels.reshape(-1), ignore_index=IGNORE_LABEL_ID,
-                             reduction="none", label_smoothing=self.loss_kwargs.get("label_smoothing", 0.0)
-                             if self.custom_loss is None else 0.0).view(labels.shape)
+        flat_logits, flat_labels = logits.reshape(-1, V), labels.reshape(-1)
+        ce = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_LABEL_ID, reduction="none").view(labels.shape)
         if self.custom_loss is None:
-            return ce.sum(-1) / divisor, ce
+            smoothing = self.loss_kwargs.get("label_smoothing", 0.0)
+            tok = ce if not smoothing else F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_LABEL_ID,
+                                                           reduction="none", label_smoothing=smoothing).view(labels.shape)
+            return tok.sum(-1) / divisor, ce
         # pytorch_optimizer losses reduce over all tokens: flatten, drop -100 (a boolean gather; fine
         # outside CUDA graphs), spread the scalar evenly over rows so the row sum is B * loss.
         flat_mask = mask.reshape(-1)
