@@ -176,7 +176,7 @@ def test_moe_capacity_topk_and_matches_per_token_reference():
                 f[top_e[n, j]] += 1
     f /= valid.sum() * k
     P = probs[valid].mean(0)
-    assert abs(float(aux.detach()) - float(E * (f * P).sum())) < 1e-6
+    assert abs(float(aux.detach()) - float(E * (f * P).sum().detach())) < 1e-6
     # uniform router -> aux == 1
     with torch.no_grad():
         moe.router.weight.zero_()
