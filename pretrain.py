@@ -77,6 +77,7 @@ class Run:
     bar: Any = None
     stopped_early: bool = False
     last_eval: dict = field(default_factory=dict)
+    last_saved_step: int = -1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,7 +112,8 @@ def train(cfg: PretrainConfig, group: Optional[str] = None) -> dict:
             log_train_metrics(run)
         if not run.last_eval.get("_step") == run.step and run.step >= run.total_steps:
             run_eval(run)
-        save_now(run)  # the final (or interrupted-by-max_steps) state
+        if run.last_saved_step != run.step:
+            save_now(run)  # the final (or stopped-by-max_steps) state
     finally:
         if run.bar is not None:
             run.bar.close()
@@ -318,6 +320,8 @@ def save_now(run: Run, name: Optional[str] = None, eval_outputs: Optional[dict] 
             os.replace(tmp, path / "eval_outputs.npz")
         if name.startswith("step_"):
             ckpt.rotate_checkpoints(run.run_dir, run.cfg.checkpoint_limit)
+    if name is None or name.startswith("step_"):
+        run.last_saved_step = run.step
     barrier(info)
 
 

@@ -246,3 +246,13 @@ def test_early_stopping_after_patience(tiny_data, tmp_path, capsys):
     summary = train(tiny_overrides(tiny_data, tmp_path / "es", epochs=6, lr=0.0, puzzle_emb_lr=0.0, eval_patience=2,
                                    **{"save_best.metric": "eval/lm_loss", "save_best.mode": "min"}))
     assert summary["step"] == 12 and "early stop at step 12" in capsys.readouterr().out
+
+
+def test_eval_save_outputs_land_in_the_step_dir(tiny_data, tmp_path):
+    run_dir = tmp_path / "eso"
+    train(tiny_overrides(tiny_data, run_dir, epochs=1) + ["eval_save_outputs=[inputs,labels,preds,q_halt_logits]"])
+    saved = np.load(run_dir / "step_4" / "eval_outputs.npz")
+    assert saved["preds"].shape == (32, 16) and saved["q_halt_logits"].shape == (32,)
+    evals = [l for l in read_jsonl(run_dir / "metrics.jsonl") if "eval/exact_accuracy" in l]
+    exact = np.mean(np.all((saved["preds"] == saved["labels"]) | (saved["labels"] == -100), axis=1))
+    assert exact == pytest.approx(evals[-1]["eval/exact_accuracy"])
