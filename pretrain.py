@@ -17,6 +17,7 @@ import os
 import resource
 import sys
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -310,6 +311,9 @@ def save_now(run: Run, name: Optional[str] = None, eval_outputs: Optional[dict] 
         state["ranks"] = gathered
         name = name or f"step_{run.step}"
         extra = {}
+        tokenizer = Path(run.cfg.data_path) / "tokenizer.json"
+        if tokenizer.is_file():  # LM datasets: a checkpoint then generates without its dataset
+            extra["tokenizer.json"] = tokenizer.read_text()
         if name == "best":
             extra["best.json"] = f'{{"metric": "{run.cfg.save_best.metric}", "value": {run.best_value}, "step": {run.step}}}\n'
         path = ckpt.save_checkpoint(run.run_dir, name, run.head.state_dict(), state, run.config_yaml, extra)

@@ -47,7 +47,7 @@ def trained(tmp_path_factory, repo_root):
 
 
 def test_pretrain_reports_decoder_ce_and_ppl(trained):
-    _, _, ck = trained
+    _, data, ck = trained
     rows = [json.loads(line) for line in (ck / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval/ce" in r]
     assert evals, rows[-1]
@@ -57,6 +57,8 @@ def test_pretrain_reports_decoder_ce_and_ppl(trained):
     train = [r for r in rows if "train/ce" in r]
     assert train and "perf/tokens_per_s" in train[-1] and "train/gate/mean" in train[-1]
     assert (ck / "best").is_dir()
+    # the tokenizer travels with every checkpoint, so generation does not need the dataset
+    assert (ck / "best" / "tokenizer.json").read_text() == (data / "tokenizer.json").read_text()
 
 
 def test_generate_streams_and_matches_model(trained):
