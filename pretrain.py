@@ -74,6 +74,7 @@ class Run:
     best_value: Optional[float] = None
     evals_without_improvement: int = 0
     last_log_time: float = 0.0
+    last_print_time: float = 0.0  # plain progress lines when no progress bar is shown (logs, CI)
     last_log_step: int = 0
     bar: Any = None
     stopped_early: bool = False
@@ -213,6 +214,9 @@ def data_exhausted(run: Run) -> bool:
 # metrics, eval, checkpoints
 
 
+PLAIN_PROGRESS_EVERY_S = 30.0  # seconds between progress lines when there is no terminal for a bar
+
+
 def log_train_metrics(run: Run) -> None:
     """Sync the accumulated metric tensors (one collective), reduce them, log on rank 0."""
     cfg, info = run.cfg, run.info
@@ -239,9 +243,16 @@ def log_train_metrics(run: Run) -> None:
         metrics["train/skipped_steps"] = float(run.skipped_steps)
     run.last_log_time, run.last_log_step = now, run.step
     run.logger.log(metrics, step=run.step)
-    if run.bar is not None:
-        run.bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3g}" for k in
-                             ("train/lm_loss", "train/exact_accuracy", "perf/samples_per_s") if k in metrics})
+    shown = {k.split("/")[-1]: metrics[k] for k in ("train/lm_loss", "train/exact_accuracy", "perf/samples_per_s")
+             if k in metrics}
+    if run.bar is not None and not run.bar.disable:
+        run.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()})
+    elif info.is_main and now - run.last_print_time >= PLAIN_PROGRESS_EVERY_S:
+        # tqdm turns itself off when stderr is not a terminal (CI, nohup, cluster logs): print a line instead
+        eta = (run.stop_step - run.step) * dt / max(steps, 1)
+        print(f"step {run.step}/{run.stop_step} ({100 * run.step / max(run.stop_step, 1):.0f}%, ETA {eta:.0f} s) "
+              + " ".join(f"{k}={v:.4g}" for k, v in shown.items()), flush=True)
+        run.last_print_time = now
 
 
 def check_finite(run: Run) -> None:
@@ -257,6 +268,9 @@ def run_eval(run: Run) -> None:
                                 save_keys=cfg.eval_save_outputs, global_batch_size=cfg.eval_batch_size or cfg.global_batch_size,
                                 progress=True)
     run.logger.log(metrics, step=run.step)
+    if info.is_main:
+        print(f"eval at step {run.step}: " + " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())
+                                                    if isinstance(v, (int, float))), flush=True)
     run.last_eval = {**metrics, "_step": run.step}
     improved = track_best(run, metrics)
     if cfg.checkpoint_every_eval:

@@ -100,7 +100,7 @@ def evaluate(head: torch.nn.Module, loader, info: DistInfo, *, device: torch.dev
             total = min(total, max_batches) if (total is not None and max_batches) else total
         except TypeError:
             total = None
-        bar = tqdm(total=total, desc="eval", unit="batch", leave=False)
+        bar = tqdm(total=total, desc="eval", unit="batch", leave=False, disable=None)  # None: off when not a terminal
     try:
         for batch_index, (set_name, batch, effective) in enumerate(loader):
             if max_batches is not None and batch_index >= max_batches:
