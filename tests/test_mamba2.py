@@ -9,14 +9,7 @@ import torch.nn.functional as F
 from models.mamba2 import Mamba2, ssd_chunked, ssd_sequential
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation, which on a loaded machine makes
-    the token-by-token loops many times slower. Restored afterwards for other test files."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
