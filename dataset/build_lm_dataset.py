@@ -568,15 +568,7 @@ def build(cfg: BuildConfig) -> dict:
             tok.save(tmp / "tokenizer.json")
             tok_note = "tokenizer.json"
         meta = {
-            "format": FORMAT_VERSION,
-            **specials,
-            "ignore_label_id": -100,
-            "token_dtype": dtype.name,
-            "splits": {s: split_stats[s]["count"] for s in SPLITS},
-            "split_stats": split_stats,
-            "max_prompt_len": max(v["max_prompt_len"] for v in split_stats.values()),
-            "max_target_len": max(v["max_target_len"] for v in split_stats.values()),
-            "tokenizer": tok_note,
+            **dataset_meta(specials, dtype, split_stats, tok_note),
             "build": {k: v for k, v in vars(cfg).items() if k not in ("output_dir", "overwrite", "batch_docs")},
             "documents": stats["documents"],
             "skipped_empty_prompts": stats["skipped_empty"],
@@ -586,6 +578,21 @@ def build(cfg: BuildConfig) -> dict:
         _write_json(tmp / "meta.json", meta)
     meta["seconds"] = time.time() - t0
     return meta
+
+
+def dataset_meta(specials: dict, dtype: np.dtype, split_stats: dict, tokenizer_note: str) -> dict:
+    """The fields of meta.json that every built or mixed LM dataset has (the loader reads these)."""
+    return {
+        "format": FORMAT_VERSION,
+        **specials,
+        "ignore_label_id": -100,
+        "token_dtype": np.dtype(dtype).name,
+        "splits": {s: split_stats[s]["count"] for s in SPLITS},
+        "split_stats": split_stats,
+        "max_prompt_len": max(v["max_prompt_len"] for v in split_stats.values()),
+        "max_target_len": max(v["max_target_len"] for v in split_stats.values()),
+        "tokenizer": tokenizer_note,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -678,15 +685,9 @@ def mix(inputs: list[tuple[str, float]], output_dir: str, seed: int = 0, quotas:
         if ref_tok.is_file():
             shutil.copyfile(ref_tok, tmp / "tokenizer.json")
         meta = {
-            "format": FORMAT_VERSION,
-            **{k: ref[k] for k in ("vocab_size", "pad_id", "bos_id", "eos_id", "unk_id") if k in ref},
-            "ignore_label_id": -100,
-            "token_dtype": dtype.name,
-            "splits": {s: split_stats[s]["count"] for s in SPLITS},
-            "split_stats": split_stats,
-            "max_prompt_len": max(v["max_prompt_len"] for v in split_stats.values()),
-            "max_target_len": max(v["max_target_len"] for v in split_stats.values()),
-            "tokenizer": "tokenizer.json" if ref_tok.is_file() else ref.get("tokenizer", "none"),
+            **dataset_meta({k: ref[k] for k in ("vocab_size", "pad_id", "bos_id", "eos_id", "unk_id") if k in ref},
+                           dtype, split_stats,
+                           "tokenizer.json" if ref_tok.is_file() else ref.get("tokenizer", "none")),
             "mix": {"inputs": [{"path": d, "weight": w} for d, w in inputs], "seed": seed,
                     "quotas": {s: quotas.get(s) for s in SPLITS}, "per_source": per_source},
         }
