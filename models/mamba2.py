@@ -69,9 +69,10 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, D=None, initial_state=None, ret
     Lengths that are not a multiple of `chunk_size` are zero-padded at the end: a padded step has dt = 0,
     i.e. decay exp(0) = 1 and no input, so outputs and the final state are exactly those of the real tokens.
     Shapes inside: c chunks of s positions; the h heads are split as (g groups, r = h // g heads per group).
-    Cost: O(l * s * h * (n + p)) for the chunk-local part plus O(l * h * p * n) for the states, all in
-    batched matmuls; the states are kept transposed, [n, r*p] per group, so a group's heads share one matmul
-    with its B or C and the token-major input layout needs no copy when g = 1.
+    Cost: O(l * s * h * p) for the chunk-local part plus O(l * h * p * n) for writing and reading the
+    chunk states; the latter dominates for s < 2n, which is why small chunks (32-64) are fastest on CPU.
+    The states are kept transposed, [n, r*p] per group, so a group's heads share one matmul with B or C,
+    and chunk-major, [c, b, ...], so the recurrence between chunks walks contiguous slices.
     """
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
@@ -80,47 +81,90 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, D=None, initial_state=None, ret
     if pad:
         x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
     c, s = (l + pad) // chunk_size, chunk_size
+    # autograd cannot record out= or in-place writes into the state buffer; without it they save ~10%
+    in_place = not (torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, dt, A, B, C, D, initial_state)))
 
     a_cum = (dt * A.to(dt.dtype)).view(b, c, s, h).cumsum(dim=2)                       # [b, c, s, h]
-    xdt = x.view(b, c, s, h, p) * dt.view(b, c, s, h, 1)                               # [b, c, s, h, p]
+    # small per-head copies, contiguous so that the [b, c, h, s, s] products below come out contiguous
+    a_h = a_cum.transpose(2, 3).contiguous()                                            # [b, c, h, s]
+    dt_h = dt.view(b, c, s, h).transpose(2, 3).contiguous()                             # [b, c, h, s]
     Bg = B.reshape(b, c, s, g, n).transpose(2, 3)                                       # [b, c, g, s, n]
     Cg = C.reshape(b, c, s, g, n).transpose(2, 3)
 
-    # 1) within each chunk: y_l = sum_{j<=l} (C_l . B_j) exp(a_{j+1} + ... + a_l) dt_j x_j.
-    # The decay is a difference of cumulative sums, as in mamba_ssm's kernels; entries above the diagonal
-    # are set to -inf BEFORE exp so neither they nor their gradients can overflow.
-    a_h = a_cum.transpose(2, 3)                                                         # [b, c, h, s]
-    causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
-    decay = (a_h.unsqueeze(-1) - a_h.unsqueeze(-2)).masked_fill(~causal, float("-inf")).exp()
-    CB = Cg @ Bg.transpose(-1, -2)                                                      # [b, c, g, l, s]
-    scores = (decay.view(b, c, g, r, s, s) * CB.unsqueeze(3)).view(b, c, h, s, s)
-    y_diag = scores @ xdt.transpose(2, 3)                                               # [b, c, h, l, p]
+    # 1) within each chunk: y_l = sum_{j<=l} (C_l . B_j) exp(a_{j+1} + ... + a_l) dt_j x_j  (+ D x_l).
+    # The decay is a difference of cumulative sums, as in mamba_ssm's kernels. Entries above the diagonal
+    # are set to 0 BEFORE exp (so neither they nor their gradients can overflow) and zeroed afterwards
+    # through C.B, which is [s, s] per group instead of per head; exp(-inf) would take exp's slow path.
+    # dt_j and a scalar-per-head D (on the diagonal) go into the score matrix so x is read as it is.
+    above = torch.ones(s, s, dtype=torch.bool, device=x.device).triu(1)
+    seg = (a_h.unsqueeze(-1) - a_h.unsqueeze(-2)).masked_fill_(above, 0.0)              # [b, c, h, l, s]
+    CB = (Cg @ Bg.transpose(-1, -2)).masked_fill_(above, 0.0)                           # [b, c, g, l, s]
+    if in_place:
+        scores = seg.exp_().view(b, c, g, r, s, s).mul_(CB.unsqueeze(3)).view(b, c, h, s, s).mul_(dt_h.unsqueeze(-2))
+    else:
+        scores = (seg.exp().view(b, c, g, r, s, s) * CB.unsqueeze(3)).view(b, c, h, s, s) * dt_h.unsqueeze(-2)
+    D_in_scores = D is not None and D.dim() == 1
+    if D_in_scores:
+        scores.diagonal(dim1=-2, dim2=-1).add_(D.to(x.dtype)[:, None])
+    y_diag = scores @ x.view(b, c, s, h, p).transpose(2, 3)                             # [b, c, h, l, p]
 
-    # 2) each chunk's own contribution to the state at its end, transposed: sum_j B_j (exp(a_{j+1..end}) dt_j x_j)^T
-    decay_to_end = torch.exp(a_cum[:, :, -1:] - a_cum)                                  # [b, c, s, h]
-    x_end = (xdt * decay_to_end.unsqueeze(-1)).view(b, c, s, g, r * p).transpose(2, 3)  # [b, c, g, s, r*p]
-    chunk_states = Bg.transpose(-1, -2) @ x_end                                         # [b, c, g, n, r*p]
+    # 2) each chunk's own contribution to the state at its end, chunk-major and transposed:
+    # sum_j B_j (exp(a_{j+1..end}) dt_j x_j)^T
+    w_end = (dt.view(b, c, s, h) * torch.exp(a_cum[:, :, -1:] - a_cum)).transpose(0, 1).contiguous()  # [c, b, s, h]
+    # w_end first: the product takes its chunk-major layout, so the reshape is a view
+    x_end = (w_end.unsqueeze(-1) * x.view(b, c, s, h, p).transpose(0, 1)).reshape(c, b, s, g, r * p)
+    Bt = Bg.permute(1, 0, 2, 4, 3)                                                      # [c, b, g, n, s]
 
-    # 3) pass states between chunks: S_{k+1} = exp(sum of a over chunk k) S_k + chunk_states_k.
+    # 3) pass states between chunks: S_{k+1} = exp(sum of a over chunk k) S_k + chunk_state_k.
     # A short loop over chunks (l / chunk_size of them) of element-wise updates: linear in c, no c x c matrix.
     if initial_state is None:
-        state = torch.zeros(b, g, n, r, p, dtype=x.dtype, device=x.device)
-    else:  # [b, h, p, n] -> transposed layout [b, g, n, r, p]
-        state = initial_state.to(x.dtype).reshape(b, g, r, p, n).permute(0, 1, 4, 2, 3)
-    chunk_decay = torch.exp(a_cum[:, :, -1]).view(b, c, g, 1, r, 1)                    # [b, c, g, 1, r, 1]
-    chunk_states = chunk_states.view(b, c, g, n, r, p)
-    states_in = []
-    for k in range(c):
-        states_in.append(state)
-        state = state * chunk_decay[:, k] + chunk_states[:, k]
-    states_in = torch.stack(states_in, dim=1).view(b, c, g, n, r * p)                  # [b, c, g, n, r*p]
-    final_state = state.permute(0, 1, 3, 4, 2).reshape(b, h, p, n)
+        state = torch.zeros(b, g, n, r * p, dtype=x.dtype, device=x.device)
+    else:  # [b, h, p, n] -> transposed layout [b, g, n, r*p]
+        state = initial_state.to(x.dtype).reshape(b, g, r, p, n).permute(0, 1, 4, 2, 3).reshape(b, g, n, r * p)
+    chunk_decay = torch.exp(a_cum[:, :, -1]).transpose(0, 1).reshape(c, b, g, 1, r, 1)  # [c, b, g, 1, r, 1]
+    if in_place:
+        # One pass over the chunks does the recurrence and reads each state out while it is in cache:
+        # y_off_k = C_k S_k, then S_{k+1} = decay_k S_k + B_k^T x_end_k. The [c, n, r*p] states are
+        # never stored, which matters more than the matmuls' size: they are twice as large as x for s = 32.
+        Ck = Cg.transpose(0, 1).reshape(c, b * g, s, n)
+        Bk = Bt.reshape(c, b * g, n, s)
+        xk = x_end.transpose(-2, -3).reshape(c, b * g, s, r * p)
+        y_off = torch.empty(c, b * g, s, r * p, dtype=x.dtype, device=x.device)       # [c, b*g, s, r*p]
+        state = state.reshape(b * g, n, r * p).clone()
+        state_heads = state.view(b, g, n, r, p)
+        # unbind once: indexing inside the loop costs a dispatch per tensor per chunk
+        for k, (C_k, B_k, x_k, y_k, d_k) in enumerate(zip(Ck.unbind(0), Bk.unbind(0), xk.unbind(0),
+                                                         y_off.unbind(0), chunk_decay.unbind(0))):
+            if k == 0 and initial_state is None:
+                y_k.zero_()
+            else:
+                torch.bmm(C_k, state, out=y_k)
+            if k < c - 1 or return_final_state:  # the last update only feeds the final state
+                state_heads.mul_(d_k)
+                state.baddbmm_(B_k, x_k)
+        final_state = state
+    else:
+        chunk_states = (Bt @ x_end.transpose(-2, -3)).view(c, b, g, n, r, p)
+        states, state = [], state.view(b, g, n, r, p)
+        for k in range(c):
+            states.append(state)
+            state = torch.addcmul(chunk_states[k], state, chunk_decay[k])
+        final_state, states = state, torch.stack(states).view(c, b, g, n, r * p)
+    final_state = final_state.reshape(b, g, n, r, p).permute(0, 1, 3, 4, 2).reshape(b, h, p, n)
 
     # 4) the state entering each chunk, read out by C and decayed to every position inside it
-    y_off = (Cg @ states_in).transpose(2, 3).reshape(b, c, s, h, p)                     # [b, c, s, h, p]
-    y = torch.addcmul(y_diag.transpose(2, 3), y_off, torch.exp(a_cum).unsqueeze(-1))
+    if not in_place:
+        y_off = Cg.transpose(0, 1) @ states                                             # [c, b, g, s, r*p]
+    y_off = y_off.view(c, b, g, s, r * p).transpose(2, 3).reshape(c, b, s, h, p)        # [c, b, s, h, p]
+    args = (y_diag.transpose(2, 3), y_off.transpose(0, 1), torch.exp(a_cum).unsqueeze(-1))
+    if in_place:  # out= keeps y token-major (contiguous) whatever layout the inputs have
+        y = torch.addcmul(*args, out=torch.empty(b, c, s, h, p, dtype=x.dtype, device=x.device))
+    else:
+        y = torch.addcmul(*args)
     y = y.reshape(b, c * s, h, p)[:, :l]
-    y = _skip(y, x[:, :l], D)
+    if not D_in_scores:
+        y = _skip(y, x[:, :l], D)
     if return_final_state:
         return y, final_state
     return y
