@@ -69,10 +69,9 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, D=None, initial_state=None, ret
     Lengths that are not a multiple of `chunk_size` are zero-padded at the end: a padded step has dt = 0,
     i.e. decay exp(0) = 1 and no input, so outputs and the final state are exactly those of the real tokens.
     Shapes inside: c chunks of s positions; the h heads are split as (g groups, r = h // g heads per group).
-    Cost: O(l * s * h * p) for the chunk-local part plus O(l * h * p * n) for writing and reading the
-    chunk states; the latter dominates for s < 2n, which is why small chunks (32-64) are fastest on CPU.
-    The states are kept transposed, [n, r*p] per group, so a group's heads share one matmul with B or C,
-    and chunk-major, [c, b, ...], so the recurrence between chunks walks contiguous slices.
+    Cost: 2 * l * s * h * p FLOPs for the chunk-local part plus 4 * l * h * p * n for writing and reading
+    the chunk states, all in matmuls; the states dominate once s < 2n, and on CPU chunk sizes 16-32 are
+    fastest (mamba_ssm's 256 is tuned for GPUs). Results do not depend on chunk_size beyond rounding.
     """
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
@@ -81,14 +80,15 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, D=None, initial_state=None, ret
     if pad:
         x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
     c, s = (l + pad) // chunk_size, chunk_size
-    # autograd cannot record out= or in-place writes into the state buffer; without it they save ~10%
+    # When autograd is not recording, buffers are filled with out= and updated in place (~15% faster on
+    # CPU); autograd cannot record out= and needs values that in-place updates would overwrite.
     in_place = not (torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, dt, A, B, C, D, initial_state)))
 
     a_cum = (dt * A.to(dt.dtype)).view(b, c, s, h).cumsum(dim=2)                       # [b, c, s, h]
-    # small per-head copies, contiguous so that the [b, c, h, s, s] products below come out contiguous
-    a_h = a_cum.transpose(2, 3).contiguous()                                            # [b, c, h, s]
-    dt_h = dt.view(b, c, s, h).transpose(2, 3).contiguous()                             # [b, c, h, s]
+    # small head-major copies: the [h, b, c, s, s] products below come out contiguous, one block per head
+    a_h = a_cum.permute(3, 0, 1, 2).contiguous()                                        # [h, b, c, s]
+    dt_h = dt.view(b, c, s, h).permute(3, 0, 1, 2).contiguous()                         # [h, b, c, s]
     Bg = B.reshape(b, c, s, g, n).transpose(2, 3)                                       # [b, c, g, s, n]
     Cg = C.reshape(b, c, s, g, n).transpose(2, 3)
 
@@ -98,66 +98,69 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, D=None, initial_state=None, ret
     # through C.B, which is [s, s] per group instead of per head; exp(-inf) would take exp's slow path.
     # dt_j and a scalar-per-head D (on the diagonal) go into the score matrix so x is read as it is.
     above = torch.ones(s, s, dtype=torch.bool, device=x.device).triu(1)
-    seg = (a_h.unsqueeze(-1) - a_h.unsqueeze(-2)).masked_fill_(above, 0.0)              # [b, c, h, l, s]
+    seg = (a_h.unsqueeze(-1) - a_h.unsqueeze(-2)).masked_fill_(above, 0.0)              # [h, b, c, l, s]
     CB = (Cg @ Bg.transpose(-1, -2)).masked_fill_(above, 0.0)                           # [b, c, g, l, s]
+    CB = CB.permute(2, 0, 1, 3, 4).unsqueeze(1)                                         # [g, 1, b, c, l, s]
     if in_place:
-        scores = seg.exp_().view(b, c, g, r, s, s).mul_(CB.unsqueeze(3)).view(b, c, h, s, s).mul_(dt_h.unsqueeze(-2))
+        scores = seg.exp_().view(g, r, b, c, s, s).mul_(CB).view(h, b, c, s, s).mul_(dt_h.unsqueeze(-2))
     else:
-        scores = (seg.exp().view(b, c, g, r, s, s) * CB.unsqueeze(3)).view(b, c, h, s, s) * dt_h.unsqueeze(-2)
+        scores = (seg.exp().view(g, r, b, c, s, s) * CB).view(h, b, c, s, s) * dt_h.unsqueeze(-2)
     D_in_scores = D is not None and D.dim() == 1
     if D_in_scores:
-        scores.diagonal(dim1=-2, dim2=-1).add_(D.to(x.dtype)[:, None])
-    y_diag = scores @ x.view(b, c, s, h, p).transpose(2, 3)                             # [b, c, h, l, p]
+        scores.diagonal(dim1=-2, dim2=-1).add_(D.to(x.dtype)[:, None, None, None])
+    x_c = x.view(b, c, s, h, p)
+    if in_place:  # head by head, x is read in place (rows h*p apart) instead of copied head-major
+        y_diag = torch.empty(h, b * c, s, p, dtype=x.dtype, device=x.device)
+        for i in range(h):
+            torch.bmm(scores[i].view(b * c, s, s), x_c[:, :, :, i].reshape(b * c, s, p), out=y_diag[i])
+    else:
+        y_diag = scores @ x_c.permute(3, 0, 1, 2, 4)
+    y_diag = y_diag.view(h, b, c, s, p)                                                 # [h, b, c, l, p]
 
-    # 2) each chunk's own contribution to the state at its end, chunk-major and transposed:
-    # sum_j B_j (exp(a_{j+1..end}) dt_j x_j)^T
+    # 2) what each chunk adds to the state at its end, sum_j B_j (exp(a_{j+1..end}) dt_j x_j)^T, needs x
+    # weighted per token and head; chunk-major, so that chunk k's slice below is one contiguous block
     w_end = (dt.view(b, c, s, h) * torch.exp(a_cum[:, :, -1:] - a_cum)).transpose(0, 1).contiguous()  # [c, b, s, h]
     # w_end first: the product takes its chunk-major layout, so the reshape is a view
     x_end = (w_end.unsqueeze(-1) * x.view(b, c, s, h, p).transpose(0, 1)).reshape(c, b, s, g, r * p)
-    Bt = Bg.permute(1, 0, 2, 4, 3)                                                      # [c, b, g, n, s]
-
-    # 3) pass states between chunks: S_{k+1} = exp(sum of a over chunk k) S_k + chunk_state_k.
-    # A short loop over chunks (l / chunk_size of them) of element-wise updates: linear in c, no c x c matrix.
-    if initial_state is None:
-        state = torch.zeros(b, g, n, r * p, dtype=x.dtype, device=x.device)
-    else:  # [b, h, p, n] -> transposed layout [b, g, n, r*p]
-        state = initial_state.to(x.dtype).reshape(b, g, r, p, n).permute(0, 1, 4, 2, 3).reshape(b, g, n, r * p)
+    x_end = x_end.transpose(2, 3).reshape(c, b * g, s, r * p)                          # [c, b*g, s, r*p]
+    B_end = Bg.permute(1, 0, 2, 4, 3).reshape(c, b * g, n, s)                           # [c, b*g, n, s]
+    C_in = Cg.transpose(0, 1).reshape(c, b * g, s, n)                                   # [c, b*g, s, n]
     chunk_decay = torch.exp(a_cum[:, :, -1]).transpose(0, 1).reshape(c, b, g, 1, r, 1)  # [c, b, g, 1, r, 1]
-    if in_place:
-        # One pass over the chunks does the recurrence and reads each state out while it is in cache:
-        # y_off_k = C_k S_k, then S_{k+1} = decay_k S_k + B_k^T x_end_k. The [c, n, r*p] states are
-        # never stored, which matters more than the matmuls' size: they are twice as large as x for s = 32.
-        Ck = Cg.transpose(0, 1).reshape(c, b * g, s, n)
-        Bk = Bt.reshape(c, b * g, n, s)
-        xk = x_end.transpose(-2, -3).reshape(c, b * g, s, r * p)
-        y_off = torch.empty(c, b * g, s, r * p, dtype=x.dtype, device=x.device)       # [c, b*g, s, r*p]
-        state = state.reshape(b * g, n, r * p).clone()
+
+    # 3) one pass over the chunks: read out the state entering chunk k, y_off_k = C_k S_k, then pass it on,
+    # S_{k+1} = exp(sum of a over chunk k) S_k + B_k^T x_end_k. States are [n, r*p] per group (transposed),
+    # so a group's heads share each matmul. They are never stored for all chunks at once: for s = 32 that
+    # would be twice the size of x, and reading each one while it is in cache is what makes this fast.
+    if initial_state is None:
+        state = torch.zeros(b * g, n, r * p, dtype=x.dtype, device=x.device)
+    else:  # [b, h, p, n] -> [b*g, n, r*p]
+        state = initial_state.to(x.dtype).reshape(b, g, r, p, n).permute(0, 1, 4, 2, 3).reshape(b * g, n, r * p)
+    y_off = torch.empty(c, b * g, s, r * p, dtype=x.dtype, device=x.device) if in_place else []
+    if in_place:  # updated in place below (the caller's initial_state is left alone)
+        state = state.clone() if initial_state is not None else state
         state_heads = state.view(b, g, n, r, p)
-        # unbind once: indexing inside the loop costs a dispatch per tensor per chunk
-        for k, (C_k, B_k, x_k, y_k, d_k) in enumerate(zip(Ck.unbind(0), Bk.unbind(0), xk.unbind(0),
-                                                         y_off.unbind(0), chunk_decay.unbind(0))):
+    for k, (C_k, B_k, x_k, d_k) in enumerate(zip(C_in.unbind(0), B_end.unbind(0), x_end.unbind(0),
+                                                 chunk_decay.unbind(0))):  # unbind: one dispatch, not c
+        last = k == c - 1 and not return_final_state   # the last update only feeds the final state
+        if in_place:
             if k == 0 and initial_state is None:
-                y_k.zero_()
+                y_off[0].zero_()
             else:
-                torch.bmm(C_k, state, out=y_k)
-            if k < c - 1 or return_final_state:  # the last update only feeds the final state
+                torch.bmm(C_k, state, out=y_off[k])
+            if not last:
                 state_heads.mul_(d_k)
                 state.baddbmm_(B_k, x_k)
-        final_state = state
-    else:
-        chunk_states = (Bt @ x_end.transpose(-2, -3)).view(c, b, g, n, r, p)
-        states, state = [], state.view(b, g, n, r, p)
-        for k in range(c):
-            states.append(state)
-            state = torch.addcmul(chunk_states[k], state, chunk_decay[k])
-        final_state, states = state, torch.stack(states).view(c, b, g, n, r * p)
-    final_state = final_state.reshape(b, g, n, r, p).permute(0, 1, 3, 4, 2).reshape(b, h, p, n)
-
-    # 4) the state entering each chunk, read out by C and decayed to every position inside it
+        else:  # autograd records every step
+            y_off.append(C_k @ state)
+            if not last:
+                state = torch.baddbmm((state.view(b, g, n, r, p) * d_k).view(b * g, n, r * p), B_k, x_k)
     if not in_place:
-        y_off = Cg.transpose(0, 1) @ states                                             # [c, b, g, s, r*p]
+        y_off = torch.stack(y_off)
+    final_state = state.view(b, g, n, r, p).permute(0, 1, 3, 4, 2).reshape(b, h, p, n)
+
+    # 4) the entering state's read-out, decayed to each position, plus the chunk-local part
     y_off = y_off.view(c, b, g, s, r * p).transpose(2, 3).reshape(c, b, s, h, p)        # [c, b, s, h, p]
-    args = (y_diag.transpose(2, 3), y_off.transpose(0, 1), torch.exp(a_cum).unsqueeze(-1))
+    args = (y_diag.permute(1, 2, 3, 0, 4), y_off.transpose(0, 1), torch.exp(a_cum).unsqueeze(-1))
     if in_place:  # out= keeps y token-major (contiguous) whatever layout the inputs have
         y = torch.addcmul(*args, out=torch.empty(b, c, s, h, p, dtype=x.dtype, device=x.device))
     else:
