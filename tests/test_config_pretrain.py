@@ -54,8 +54,10 @@ def test_composed_config_is_validated_too():
         compose(["global_batch_size=abc"])
     with pytest.raises(ConfigError, match="'arch.hidden_size' expects an int"):
         compose(["arch.hidden_size=1.5"])
-    with pytest.raises(ConfigError, match="'mixed_precision' must be one of none, bf16, fp16"):
+    with pytest.raises(ConfigError, match="'mixed_precision' must be one of none, bf16"):
         compose(["mixed_precision=fp8"])
+    with pytest.raises(ConfigError, match="fp16 needs loss scaling"):  # refused, not trained on underflowing grads
+        compose(["mixed_precision=fp16"])
     with pytest.raises(ConfigError, match="unknown config key 'arch.hiden_size' did you mean 'hidden_size'"):
         compose(["+arch.hiden_size=3"])
 

@@ -67,7 +67,7 @@ class PretrainConfig:
     lr_scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     grad_accum_steps: int = 1
     grad_clip: float = 0.0                  # max L2 norm of dense grads; 0 = off
-    mixed_precision: str = "none"           # none | bf16 | fp16 (torch.autocast around the forward)
+    mixed_precision: str = "none"           # none | bf16 (torch.autocast around the forward)
     compile: bool = False
     device: str = "auto"                    # auto | cpu | cuda
     checkpoint_limit: int = 0               # keep the newest N step_* dirs; 0 = keep all
@@ -91,7 +91,7 @@ class PretrainConfig:
 
 
 CHOICES = {
-    "mixed_precision": ("none", "bf16", "fp16"),
+    "mixed_precision": ("none", "bf16"),
     "device": ("auto", "cpu", "cuda"),
     "logger": ("wandb", "jsonl", "none"),
     "nonfinite_loss": ("stop", "skip"),
@@ -120,6 +120,11 @@ def build_config(raw: dict) -> PretrainConfig:
     if not isinstance(raw.get("eval_save_outputs", []), list):
         raise ConfigError(f"config key 'eval_save_outputs' expects a list, got {raw['eval_save_outputs']!r}")
     cfg = from_dict(PretrainConfig, raw)
+    if cfg.mixed_precision == "fp16":
+        # fp16 gradients underflow without dynamic loss scaling, which this trainer does not implement;
+        # refusing beats training silently on zeroed gradients.
+        raise ConfigError("config key 'mixed_precision': fp16 needs loss scaling, which is not implemented; "
+                          "use bf16 (HRM's own forward dtype) or none")
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}; got {getattr(cfg, key)!r}")
