@@ -1,6 +1,6 @@
 """Mamba2 scan speed: the chunked SSD scan against the token-by-token recurrence, and the whole block.
 
-    .venv/bin/python -m bench.bench_mamba2 [--lengths 256 1024 4096] [--chunk-sizes 64 256] [--threads 2]
+    .venv/bin/python -m bench.bench_mamba2 [--lengths 256 1024 4096] [--chunk-sizes 16 32 64 256] [--threads 2]
 
 Prints two markdown tables. Scan table: forward time of `ssd_chunked` and `ssd_sequential` on the same
 inputs (float32, no autograd), their ratio, and the chunked result's relative error against the sequential
@@ -47,13 +47,13 @@ def scan_inputs(gen, batch, length, nheads, headdim, ngroups, d_state):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096])
-    ap.add_argument("--chunk-sizes", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--chunk-sizes", type=int, nargs="+", default=[16, 32, 64, 256])
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--headdim", type=int, default=64)
     ap.add_argument("--d-state", type=int, default=64)
     ap.add_argument("--ngroups", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0 keeps the default")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-block", action="store_true", help="skip the whole-block table")

@@ -117,52 +117,62 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, D=None, initial_state=None, ret
         y_diag = scores @ x_c.permute(3, 0, 1, 2, 4)
     y_diag = y_diag.view(h, b, c, s, p)                                                 # [h, b, c, l, p]
 
-    # 2) what each chunk adds to the state at its end, sum_j B_j (exp(a_{j+1..end}) dt_j x_j)^T, needs x
-    # weighted per token and head; chunk-major, so that chunk k's slice below is one contiguous block
-    w_end = (dt.view(b, c, s, h) * torch.exp(a_cum[:, :, -1:] - a_cum)).transpose(0, 1).contiguous()  # [c, b, s, h]
-    # w_end first: the product takes its chunk-major layout, so the reshape is a view
-    x_end = (w_end.unsqueeze(-1) * x.view(b, c, s, h, p).transpose(0, 1)).reshape(c, b, s, g, r * p)
-    x_end = x_end.transpose(2, 3).reshape(c, b * g, s, r * p)                          # [c, b*g, s, r*p]
+    # 2) what chunk k adds to the state at its end is B_k^T (w x_k), weighting each token and head by
+    # w = exp(a_{j+1..end}) dt_j; the weighting happens inside the loop below, on one chunk at a time
+    w_end = dt.view(b, c, s, h) * torch.exp(a_cum[:, :, -1:] - a_cum)                  # [b, c, s, h]
     B_end = Bg.permute(1, 0, 2, 4, 3).reshape(c, b * g, n, s)                           # [c, b*g, n, s]
     C_in = Cg.transpose(0, 1).reshape(c, b * g, s, n)                                   # [c, b*g, s, n]
     chunk_decay = torch.exp(a_cum[:, :, -1]).transpose(0, 1).reshape(c, b, g, 1, r, 1)  # [c, b, g, 1, r, 1]
 
     # 3) one pass over the chunks: read out the state entering chunk k, y_off_k = C_k S_k, then pass it on,
-    # S_{k+1} = exp(sum of a over chunk k) S_k + B_k^T x_end_k. States are [n, r*p] per group (transposed),
-    # so a group's heads share each matmul. They are never stored for all chunks at once: for s = 32 that
-    # would be twice the size of x, and reading each one while it is in cache is what makes this fast.
+    # S_{k+1} = exp(sum of a over chunk k) S_k + B_k^T (w x_k). States are [n, r*p] per group (transposed),
+    # so a group's heads share each matmul. They are never stored for all chunks at once (for s = 32 that
+    # would be twice the size of x), and each chunk's data is used while it is in cache: on CPU this
+    # memory traffic, not the FLOPs, is what the chunked scan's time beyond its matmuls goes to.
     if initial_state is None:
         state = torch.zeros(b * g, n, r * p, dtype=x.dtype, device=x.device)
     else:  # [b, h, p, n] -> [b*g, n, r*p]
         state = initial_state.to(x.dtype).reshape(b, g, r, p, n).permute(0, 1, 4, 2, 3).reshape(b * g, n, r * p)
-    y_off = torch.empty(c, b * g, s, r * p, dtype=x.dtype, device=x.device) if in_place else []
-    if in_place:  # updated in place below (the caller's initial_state is left alone)
-        state = state.clone() if initial_state is not None else state
+    if in_place:
+        # with one group, chunk k's read-out [b, s, h*p] is already a slice of the output's layout
+        y_off = torch.empty(b, c, s, h * p, dtype=x.dtype, device=x.device) if g == 1 else \
+            torch.empty(c, b * g, s, r * p, dtype=x.dtype, device=x.device)
+        y_off_k = y_off.unbind(1) if g == 1 else y_off.unbind(0)
+        xw = torch.empty(b, g, s, r, p, dtype=x.dtype, device=x.device)  # w x_k, reused for every chunk
+        state = state.clone() if initial_state is not None else state  # the caller's tensor is left alone
         state_heads = state.view(b, g, n, r, p)
-    for k, (C_k, B_k, x_k, d_k) in enumerate(zip(C_in.unbind(0), B_end.unbind(0), x_end.unbind(0),
-                                                 chunk_decay.unbind(0))):  # unbind: one dispatch, not c
+    else:
+        y_off = []
+    chunks = zip(C_in.unbind(0), B_end.unbind(0), x.view(b, c, s, g, r, p).unbind(1),
+                 w_end.view(b, c, s, g, r, 1).unbind(1), chunk_decay.unbind(0))  # unbind: one dispatch, not c
+    for k, (C_k, B_k, x_k, w_k, d_k) in enumerate(chunks):
         last = k == c - 1 and not return_final_state   # the last update only feeds the final state
         if in_place:
             if k == 0 and initial_state is None:
-                y_off[0].zero_()
+                y_off_k[0].zero_()
             else:
-                torch.bmm(C_k, state, out=y_off[k])
+                torch.bmm(C_k, state, out=y_off_k[k])
             if not last:
+                torch.mul(x_k, w_k, out=xw.transpose(1, 2))
                 state_heads.mul_(d_k)
-                state.baddbmm_(B_k, x_k)
+                state.baddbmm_(B_k, xw.view(b * g, s, r * p))
         else:  # autograd records every step
             y_off.append(C_k @ state)
             if not last:
-                state = torch.baddbmm((state.view(b, g, n, r, p) * d_k).view(b * g, n, r * p), B_k, x_k)
+                xw = (x_k * w_k).transpose(1, 2).reshape(b * g, s, r * p)
+                state = torch.baddbmm((state.view(b, g, n, r, p) * d_k).view(b * g, n, r * p), B_k, xw)
     if not in_place:
         y_off = torch.stack(y_off)
     final_state = state.view(b, g, n, r, p).permute(0, 1, 3, 4, 2).reshape(b, h, p, n)
 
     # 4) the entering state's read-out, decayed to each position, plus the chunk-local part
-    y_off = y_off.view(c, b, g, s, r * p).transpose(2, 3).reshape(c, b, s, h, p)        # [c, b, s, h, p]
-    args = (y_diag.permute(1, 2, 3, 0, 4), y_off.transpose(0, 1), torch.exp(a_cum).unsqueeze(-1))
+    if in_place and g == 1:
+        y_off = y_off.view(b, c, s, h, p)                                               # [b, c, s, h, p]
+    else:
+        y_off = y_off.view(c, b, g, s, r * p).transpose(2, 3).reshape(c, b, s, h, p).transpose(0, 1)
+    args = (y_diag.permute(1, 2, 3, 0, 4), y_off, torch.exp(a_cum).unsqueeze(-1))
     if in_place:  # out= keeps y token-major (contiguous) whatever layout the inputs have
-        y = torch.addcmul(*args, out=torch.empty(b, c, s, h, p, dtype=x.dtype, device=x.device))
+        y = torch.addcmul(*args, out=y_off if g == 1 else torch.empty(b, c, s, h, p, dtype=x.dtype, device=x.device))
     else:
         y = torch.addcmul(*args)
     y = y.reshape(b, c * s, h, p)[:, :l]
