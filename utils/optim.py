@@ -28,6 +28,17 @@ def cosine_warmup_factor(step: int, warmup_steps: int, total_steps: int, min_rat
     return min_ratio + max(0.0, (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+def _load_by_name(key: str, name: str, loader: str, lister: str, our_default: str):
+    """A pytorch_optimizer class by name (`loader`/`lister` are its lookup functions); an unknown name is a
+    ConfigError naming the closest known one."""
+    import pytorch_optimizer
+    try:
+        return getattr(pytorch_optimizer, loader)(name)
+    except Exception:
+        hint = closest_key(name.lower(), list(getattr(pytorch_optimizer, lister)()) + [our_default])
+        raise ConfigError(f"unknown {key} '{name}'" + (f" did you mean '{hint}'?" if hint else "")) from None
+
+
 def build_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float, betas: tuple[float, float],
                     weight_decay: float, kwargs: dict[str, Any] | None = None) -> torch.optim.Optimizer:
     """Dense optimizer by name. `adam_atan2` -> utils.adam_atan2.make_adam_atan2 (kwargs may hold `backend`);
@@ -37,13 +48,7 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float, 
     if name.lower().replace("-", "_") in ("adam_atan2", "adamatan2"):
         from utils.adam_atan2 import make_adam_atan2
         return make_adam_atan2(params, lr=lr, betas=betas, weight_decay=weight_decay, **kwargs)
-    import pytorch_optimizer
-    supported = list(pytorch_optimizer.get_supported_optimizers())
-    try:
-        cls = pytorch_optimizer.load_optimizer(name)
-    except Exception:
-        hint = closest_key(name.lower(), supported + [DEFAULT_OPTIMIZER])
-        raise ConfigError(f"unknown optimizer.name '{name}'" + (f" did you mean '{hint}'?" if hint else "")) from None
+    cls = _load_by_name("optimizer.name", name, "load_optimizer", "get_supported_optimizers", DEFAULT_OPTIMIZER)
     accepted = inspect.signature(cls.__init__).parameters
     base: dict[str, Any] = {"lr": lr}
     if "betas" in accepted:
@@ -77,13 +82,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, name: str, kwargs: dict[st
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda e: cosine_warmup_factor(e + 1, warmup_steps, total_steps, min_ratio))
 
-    import pytorch_optimizer
-    supported = list(pytorch_optimizer.get_supported_lr_schedulers())
-    try:
-        cls = pytorch_optimizer.load_lr_scheduler(name)
-    except Exception:
-        hint = closest_key(name.lower(), supported + [DEFAULT_SCHEDULER])
-        raise ConfigError(f"unknown lr_scheduler.name '{name}'" + (f" did you mean '{hint}'?" if hint else "")) from None
+    cls = _load_by_name("lr_scheduler.name", name, "load_lr_scheduler", "get_supported_lr_schedulers",
+                        DEFAULT_SCHEDULER)
     # Fill the usual length/LR arguments from the run so that `lr_scheduler.name=cosine` just works.
     accepted = inspect.signature(cls).parameters
     auto = {"t_max": total_steps, "total_steps": total_steps, "first_cycle_steps": total_steps,
