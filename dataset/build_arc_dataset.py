@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +34,8 @@ import numpy as np
 from tqdm import tqdm
 
 from dataset.common import (ARC_COLOR_OFFSET, ARC_EOS, ARC_GRID, BLANK_IDENTIFIER, DatasetError,
-                            PuzzleSetArrays, arc_identifier, dihedral_transform, split_metadata,
-                            write_puzzle_dataset)
+                            PuzzleSetArrays, arc_identifier, dihedral_transform, exit_on_dataset_error,
+                            split_metadata, write_puzzle_dataset)
 
 VOCAB_SIZE = ARC_COLOR_OFFSET + 10  # PAD, EOS, 10 colours
 SEQ_LEN = ARC_GRID * ARC_GRID
@@ -260,13 +259,10 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = make_parser().parse_args(argv)
     t0 = time.perf_counter()
-    try:
+    with exit_on_dataset_error():
         if args.num_aug < 0:
             raise DatasetError("--num-aug must be >= 0")
         s = build(args)
-    except DatasetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     note = "" if s["test_examples"] else f" (test split empty: no subset named {' / '.join(args.eval_subsets)})"
     print(f"arc: {s['tasks']} tasks, {s['ids']} puzzle ids, {s['train_examples']} train examples, "
           f"{s['test_examples']} test examples in {s['test_groups']} groups{note}, {s['short']} tasks with fewer "

@@ -36,6 +36,7 @@ from typing import Any, Iterator
 import numpy as np
 from tqdm import tqdm
 
+from dataset.common import exit_on_dataset_error
 from dataset.lm_tokenizer import LMDataError, LMTokenizer, train_bpe_tokenizer
 
 SPLITS = ("train", "validation", "test")
@@ -762,7 +763,7 @@ def _parse_inputs(items: list[str]) -> list[tuple[str, float]]:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    try:
+    with exit_on_dataset_error():
         if argv[:1] == ["mix"]:
             a = _mix_parser().parse_args(argv[1:])
             meta = mix(_parse_inputs(a.inputs), a.output_dir, seed=a.seed, overwrite=a.overwrite,
@@ -770,9 +771,6 @@ def main(argv: list[str] | None = None) -> None:
         else:
             a = _build_parser().parse_args(argv)
             meta = build(BuildConfig(**vars(a)))
-    except LMDataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     s = meta["splits"]
     toks = sum(v["prompt_tokens"] + v["target_tokens"] for v in meta["split_stats"].values())
     print(f"wrote {a.output_dir}: train={s['train']} validation={s['validation']} test={s['test']} examples, "

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import sys
 import time
 from collections import deque
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dataset.common import (BLANK_IDENTIFIER, DatasetError, PuzzleSetArrays, dihedral_transform,
-                            split_metadata, write_puzzle_dataset)
+                            exit_on_dataset_error, split_metadata, write_puzzle_dataset)
 
 CHARSET = "# SGo"  # token = index + 1
 WALL, OPEN, START, GOAL, PATH = 1, 2, 3, 4, 5
@@ -248,15 +247,12 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = make_parser().parse_args(argv)
     t0 = time.perf_counter()
-    try:
+    with exit_on_dataset_error():
         if args.generate is not None and (args.generate < 1 or args.test_size < 0):
             raise DatasetError("--generate must be >= 1 and --test-size >= 0")
         if not 0.0 <= args.braid <= 1.0:
             raise DatasetError(f"--braid must be in [0, 1], got {args.braid}")
         s = build(args)
-    except DatasetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(f"maze {s['side']}x{s['side']}: {s['train_groups']} train mazes -> {s['train_examples']} examples, "
           f"{s['test_examples']} test examples, written to {args.output_dir} in {time.perf_counter() - t0:.1f} s")
 

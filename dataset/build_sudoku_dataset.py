@@ -26,15 +26,14 @@ from __future__ import annotations
 
 import argparse
 import csv
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from dataset.common import (BLANK_IDENTIFIER, DatasetError, PuzzleSetArrays, split_metadata,
-                            write_puzzle_dataset)
+from dataset.common import (BLANK_IDENTIFIER, DatasetError, PuzzleSetArrays, exit_on_dataset_error,
+                            split_metadata, write_puzzle_dataset)
 
 BOXES = {4: (2, 2), 6: (2, 3), 9: (3, 3)}  # grid -> (box rows, box columns)
 AUG_CHUNK = 1 << 15  # augmentations drawn and gathered per chunk (bounds memory; fixed for determinism)
@@ -386,7 +385,7 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = make_parser().parse_args(argv)
     t0 = time.perf_counter()
-    try:
+    with exit_on_dataset_error():
         if args.generate is not None:
             if args.blanks is None:
                 raise DatasetError("--generate needs --blanks K (or LO..HI)")
@@ -397,9 +396,6 @@ def main(argv: list[str] | None = None) -> None:
         if args.num_aug < 0:
             raise DatasetError("--num-aug must be >= 0")
         stats = build(args)
-    except DatasetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(f"sudoku {args.grid}x{args.grid}: {stats['train_groups']} train puzzles -> {stats['train_examples']} "
           f"examples, {stats['test_examples']} test examples, written to {args.output_dir} in "
           f"{time.perf_counter() - t0:.1f} s")

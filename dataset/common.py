@@ -18,11 +18,13 @@ builders always write uint8 (every vocab here is < 256) and the loader accepts a
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +42,17 @@ BLANK_IDENTIFIER = "<blank>"
 
 class DatasetError(ValueError):
     """Bad dataset input or on-disk data. The message is one user-facing line naming the file/row."""
+
+
+@contextlib.contextmanager
+def exit_on_dataset_error():
+    """The CLI boundary of every dataset command: a DatasetError becomes one `error: ...` line on stderr and
+    exit status 2, never a traceback."""
+    try:
+        yield
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from dataset.common import (ARRAY_FIELDS, DatasetError, PuzzleDatasetMetadata, arc_grid_from_tokens,
-                            validate_puzzle_dataset)
+                            exit_on_dataset_error, validate_puzzle_dataset)
 
 
 def guess_kind(meta: PuzzleDatasetMetadata) -> str:
@@ -96,15 +96,12 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     root = Path(args.data_path)
-    try:
+    with exit_on_dataset_error():
         splits = ["train", "test"] if args.split == "both" else [args.split]
         if not args.no_validate:
             validate_puzzle_dataset(root, splits=splits)
         for split in splits:
             describe(root, split, args.show)
-    except DatasetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(f"\n{root}: {'validated and ' if not args.no_validate else ''}inspected {len(splits)} split(s) in "
           f"{time.perf_counter() - t0:.1f} s")
 
