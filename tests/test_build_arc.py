@@ -1,5 +1,4 @@
 """ARC builder: original encoding and split rule, stable ids, invertible augmentations, bad task files."""
-import hashlib
 import json
 import shutil
 
@@ -9,6 +8,7 @@ import pytest
 from dataset import build_arc_dataset as ba
 from dataset.common import (arc_grid_from_tokens, invert_arc_augmentation, parse_arc_identifier,
                             validate_puzzle_dataset)
+from data_helpers import digest
 from puzzle_dataset import PuzzleDataset, PuzzleDatasetConfig
 
 N_TRAIN, N_EVAL = 12, 6
@@ -36,14 +36,6 @@ def arc_built(tmp_path_factory, arc_src):
 def load_task(path):
     with open(path) as f:
         return json.load(f)
-
-
-def digest(root):
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(root)).encode() + p.read_bytes())
-    return h.hexdigest()
 
 
 def test_layout_metadata_and_split_rule(arc_built, arc_src):

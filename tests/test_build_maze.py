@@ -1,6 +1,5 @@
 """Maze builder: generated mazes are solvable with a marked shortest path, CSV checks, augmentation."""
 import csv
-import hashlib
 import re
 
 import numpy as np
@@ -8,16 +7,9 @@ import pytest
 
 from dataset import build_maze_dataset as bm
 from dataset.common import dihedral_transform, validate_puzzle_dataset
+from data_helpers import digest
 
 CH = "?# SGo"
-
-
-def digest(root):
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(root)).encode() + p.read_bytes())
-    return h.hexdigest()
 
 
 def test_generated_mazes_have_a_shortest_path(tmp_path):

@@ -1,6 +1,5 @@
 """Sudoku builder: validity of every augmented puzzle, determinism, the generator, and bad CSV input."""
 import csv
-import hashlib
 import subprocess
 import sys
 
@@ -9,6 +8,7 @@ import pytest
 
 from dataset import build_sudoku_dataset as bs
 from dataset.common import validate_puzzle_dataset
+from data_helpers import digest
 from puzzle_dataset import PuzzleDataset, PuzzleDatasetConfig
 
 
@@ -39,15 +39,6 @@ def sudoku_src(tmp_path_factory, shared_data):
     write_csv(src / "train.csv", rows[:4])
     write_csv(src / "test.csv", rows[4:])
     return src
-
-
-def digest(root):
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(root)).encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 def run(argv):
