@@ -15,7 +15,6 @@ puzzle ids 0. With --aug every training maze becomes a group of its 8 dihedral t
 from __future__ import annotations
 
 import argparse
-import csv
 import time
 from collections import deque
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dataset.common import (BLANK_IDENTIFIER, DatasetError, PuzzleSetArrays, dihedral_transform,
-                            exit_on_dataset_error, split_metadata, write_puzzle_dataset)
+                            exit_on_dataset_error, iter_puzzle_csv, split_metadata, write_puzzle_dataset)
 
 CHARSET = "# SGo"  # token = index + 1
 WALL, OPEN, START, GOAL, PATH = 1, 2, 3, 4, 5
@@ -43,37 +42,27 @@ def read_maze_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     for i, ch in enumerate(CHARSET):
         lut[ord(ch)] = i + 1
     qs, as_, cells = [], [], None
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        if next(reader, None) is None:
-            raise DatasetError(f"{path}: empty file (expected a header row then source,question,answer,rating)")
-        for row in reader:
-            line = reader.line_num
-            if not row:
-                continue
-            if len(row) != 4:
-                raise DatasetError(f"{path}:{line}: expected 4 columns (source,question,answer,rating), got {len(row)}")
-            q, a = row[1], row[2]
-            if cells is None:
-                cells = len(q)
-                side = int(round(cells ** 0.5))
-                if side * side != cells or cells == 0:
-                    raise DatasetError(f"{path}:{line}: question has {cells} characters; expected a square grid")
-            for name, s in (("question", q), ("answer", a)):
-                if len(s) != cells:
-                    raise DatasetError(f"{path}:{line}: {name} has {len(s)} characters; expected {cells}")
-                bad = next((ch for ch in s if ch not in CHARSET), None)
-                if bad is not None:
-                    raise DatasetError(f"{path}:{line}: {name} holds the character {bad!r}; expected one of '#', ' ', 'S', 'G', 'o'")
-            qt = lut[np.frombuffer(q.encode(), dtype=np.uint8)]
-            at = lut[np.frombuffer(a.encode(), dtype=np.uint8)]
-            diff = qt != at
-            if (diff & ~((qt == OPEN) & (at == PATH))).any():
-                cell = int(np.argmax(diff & ~((qt == OPEN) & (at == PATH))))
-                raise DatasetError(f"{path}:{line}: answer contradicts the question at cell {cell} (question "
-                                   f"{q[cell]!r}, answer {a[cell]!r}); only ' ' may become 'o'")
-            qs.append(qt)
-            as_.append(at)
+    for line, (_, q, a, _) in iter_puzzle_csv(path):
+        if cells is None:
+            cells = len(q)
+            side = int(round(cells ** 0.5))
+            if side * side != cells or cells == 0:
+                raise DatasetError(f"{path}:{line}: question has {cells} characters; expected a square grid")
+        for name, s in (("question", q), ("answer", a)):
+            if len(s) != cells:
+                raise DatasetError(f"{path}:{line}: {name} has {len(s)} characters; expected {cells}")
+            bad = next((ch for ch in s if ch not in CHARSET), None)
+            if bad is not None:
+                raise DatasetError(f"{path}:{line}: {name} holds the character {bad!r}; expected one of '#', ' ', 'S', 'G', 'o'")
+        qt = lut[np.frombuffer(q.encode(), dtype=np.uint8)]
+        at = lut[np.frombuffer(a.encode(), dtype=np.uint8)]
+        diff = qt != at
+        if (diff & ~((qt == OPEN) & (at == PATH))).any():
+            cell = int(np.argmax(diff & ~((qt == OPEN) & (at == PATH))))
+            raise DatasetError(f"{path}:{line}: answer contradicts the question at cell {cell} (question "
+                               f"{q[cell]!r}, answer {a[cell]!r}); only ' ' may become 'o'")
+        qs.append(qt)
+        as_.append(at)
     if not qs:
         raise DatasetError(f"{path}: no maze rows after the header")
     return np.stack(qs), np.stack(as_)

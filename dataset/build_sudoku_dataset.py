@@ -25,7 +25,6 @@ Example:  python -m dataset.build_sudoku_dataset --source data/raw/sudoku-extrem
 from __future__ import annotations
 
 import argparse
-import csv
 import time
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dataset.common import (BLANK_IDENTIFIER, DatasetError, PuzzleSetArrays, exit_on_dataset_error,
-                            split_metadata, write_puzzle_dataset)
+                            iter_puzzle_csv, split_metadata, write_puzzle_dataset)
 
 BOXES = {4: (2, 2), 6: (2, 3), 9: (3, 3)}  # grid -> (box rows, box columns)
 AUG_CHUNK = 1 << 15  # augmentations drawn and gathered per chunk (bounds memory; fixed for determinism)
@@ -91,29 +90,18 @@ def read_sudoku_csv(path: Path, grid: int) -> tuple[np.ndarray, np.ndarray, np.n
         lut_q[ord(str(d))] = lut_a[ord(str(d))] = d
     lut_q[ord(".")] = lut_q[ord("0")] = 0
     qs, as_, ratings, lines = [], [], [], []
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise DatasetError(f"{path}: empty file (expected a header row then source,question,answer,rating)")
-        for row in reader:
-            line = reader.line_num
-            if not row:
-                continue
-            if len(row) != 4:
-                raise DatasetError(f"{path}:{line}: expected 4 columns (source,question,answer,rating), got {len(row)}")
-            _, q, a, rating = row
-            for name, s in (("question", q), ("answer", a)):
-                if len(s) != cells:
-                    raise DatasetError(f"{path}:{line}: {name} has {len(s)} characters; expected {cells} "
-                                       f"for a {grid}x{grid} grid")
-            try:
-                ratings.append(float(rating))
-            except ValueError:
-                raise DatasetError(f"{path}:{line}: rating {rating!r} is not a number") from None
-            qs.append(q)
-            as_.append(a)
-            lines.append(line)
+    for line, (_, q, a, rating) in iter_puzzle_csv(path):
+        for name, s in (("question", q), ("answer", a)):
+            if len(s) != cells:
+                raise DatasetError(f"{path}:{line}: {name} has {len(s)} characters; expected {cells} "
+                                   f"for a {grid}x{grid} grid")
+        try:
+            ratings.append(float(rating))
+        except ValueError:
+            raise DatasetError(f"{path}:{line}: rating {rating!r} is not a number") from None
+        qs.append(q)
+        as_.append(a)
+        lines.append(line)
     if not qs:
         raise DatasetError(f"{path}: no puzzle rows after the header")
     lines = np.asarray(lines)

@@ -19,6 +19,7 @@ builders always write uint8 (every vocab here is < 256) and the loader accepts a
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import json
 import os
@@ -28,7 +29,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -42,6 +43,22 @@ BLANK_IDENTIFIER = "<blank>"
 
 class DatasetError(ValueError):
     """Bad dataset input or on-disk data. The message is one user-facing line naming the file/row."""
+
+
+def iter_puzzle_csv(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """Rows of a puzzle CSV in the layout of the original's sources (Sudoku-Extreme, Maze-30x30-hard): a header
+    row, then `source,question,answer,rating`. Yields (line number, the 4 fields); blank lines are skipped."""
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        if next(reader, None) is None:
+            raise DatasetError(f"{path}: empty file (expected a header row then source,question,answer,rating)")
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != 4:
+                raise DatasetError(f"{path}:{reader.line_num}: expected 4 columns (source,question,answer,rating), "
+                                   f"got {len(row)}")
+            yield reader.line_num, row
 
 
 @contextlib.contextmanager
