@@ -18,8 +18,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 
 # Keys the trainer fills into the arch config from the training split's metadata (the original injects
 # batch_size, vocab_size, seq_len, num_puzzle_identifiers). Only those the model's config declares are set.
-INJECTED_ARCH_KEYS = ("batch_size", "seq_len", "vocab_size", "num_puzzle_identifiers", "pad_id", "bos_id", "eos_id",
-                      "max_prompt_len")
+INJECTED_ARCH_KEYS = ("batch_size", "seq_len", "vocab_size", "num_puzzle_identifiers", "pad_id", "bos_id", "eos_id")
 
 
 @dataclass
