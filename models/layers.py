@@ -276,3 +276,37 @@ class Attention(nn.Module):
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
             out = out.transpose(1, 2)
         return self.o_proj(out.reshape(B, S, H * self.head_dim))
+
+
+# ----------------------------------------------------------------------------------------------
+# the recurrent reasoning block (HRM, TRM)
+
+
+class PostNormBlock(nn.Module):
+    """Post-norm block of HRM and TRM: h = rms(h + mixer(h)); h = rms(h + SwiGLU(h)).
+
+    The token mixer is non-causal self-attention (`self_attn`), or, with `mlp_t_len` = L > 0, TRM's mlp_t
+    (`mlp_t`): a SwiGLU of width L applied across the positions of [B, L, D] (same weights for every
+    channel and row). As in the original, its residual RMS norm is taken before transposing back, i.e.
+    over the sequence axis, not over channels. State-dict names and init order (mixer, then `mlp`) are
+    the originals'."""
+
+    def __init__(self, hidden_size: int, num_heads: int, expansion: float, norm_eps: float,
+                 attn_backend: str = "auto", mlp_t_len: int = 0, generator: Optional[torch.Generator] = None):
+        super().__init__()
+        self.use_mlp_t = mlp_t_len > 0
+        if self.use_mlp_t:
+            self.mlp_t = SwiGLU(mlp_t_len, expansion, generator=generator)
+        else:
+            self.self_attn = Attention(hidden_size, hidden_size // num_heads, num_heads, num_heads, causal=False,
+                                       backend=attn_backend, generator=generator)
+        self.mlp = SwiGLU(hidden_size, expansion, generator=generator)
+        self.norm_eps = norm_eps
+
+    def forward(self, hidden_states: torch.Tensor, cos_sin: Optional[CosSin] = None) -> torch.Tensor:
+        if self.use_mlp_t:  # cos_sin is unused: positions are baked into the mlp_t weights
+            h = hidden_states.transpose(1, 2)  # [B, D, L]
+            hidden_states = rms_norm(h + self.mlp_t(h), self.norm_eps).transpose(1, 2)
+        else:
+            hidden_states = rms_norm(hidden_states + self.self_attn(hidden_states, cos_sin=cos_sin), self.norm_eps)
+        return rms_norm(hidden_states + self.mlp(hidden_states), self.norm_eps)

@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.common import trunc_normal_init_
-from models.layers import (ATTN_BACKENDS, Attention, CastedEmbedding, CastedLinear, CosSin, RotaryEmbedding,
-                           SwiGLU, rms_norm, swiglu_intermediate_size)
+from models.layers import (ATTN_BACKENDS, CastedEmbedding, CastedLinear, CosSin, PostNormBlock, RotaryEmbedding,
+                           swiglu_intermediate_size)
+from models.recursion import Hook, ReasoningModule, hrm_recursion
 from models.sparse_embedding import CastedSparseEmbedding
 from utils.schema import ConfigError, from_dict
 
@@ -58,21 +59,12 @@ class HierarchicalReasoningModel_ACTV1Carry:
 # blocks
 
 
-class HierarchicalReasoningModel_ACTV1Block(nn.Module):
-    """Post-norm transformer block: h = norm(h + attn(h)); h = norm(h + mlp(h))."""
+class HierarchicalReasoningModel_ACTV1Block(PostNormBlock):
+    """The shared post-norm attention block (models/layers.py) built from the HRM config."""
 
     def __init__(self, config: "HierarchicalReasoningModel_ACTV1Config", generator: Optional[torch.Generator] = None):
-        super().__init__()
-        head_dim = config.hidden_size // config.num_heads
-        self.self_attn = Attention(config.hidden_size, head_dim, config.num_heads, config.num_heads, causal=False,
-                                   backend=config.attn_backend, generator=generator)
-        self.mlp = SwiGLU(config.hidden_size, config.expansion, generator=generator)
-        self.norm_eps = config.rms_norm_eps
-
-    def forward(self, hidden_states: torch.Tensor, cos_sin: Optional[CosSin]) -> torch.Tensor:
-        hidden_states = rms_norm(hidden_states + self.self_attn(hidden_states, cos_sin=cos_sin), self.norm_eps)
-        hidden_states = rms_norm(hidden_states + self.mlp(hidden_states), self.norm_eps)
-        return hidden_states
+        super().__init__(config.hidden_size, config.num_heads, config.expansion, config.rms_norm_eps,
+                         attn_backend=config.attn_backend, generator=generator)
 
 
 class HRMGate(nn.Module):
@@ -97,7 +89,7 @@ class HRMGate(nn.Module):
         return torch.stack(g.chunk(self.n_inputs, dim=-1))
 
 
-class HierarchicalReasoningModel_ACTV1ReasoningModule(nn.Module):
+class HierarchicalReasoningModel_ACTV1ReasoningModule(ReasoningModule):
     """A stack of blocks applied to (own state + other state [+ injection]).
 
     Ungated, this is the original: `layers(z_self + (z_other + x))` for L (the original adds
@@ -105,16 +97,8 @@ class HierarchicalReasoningModel_ACTV1ReasoningModule(nn.Module):
     `g_self*z_self + g_other*z_other [+ g_x*x]`; the H module has no injection and hence no gate for it."""
 
     def __init__(self, layers: list[HierarchicalReasoningModel_ACTV1Block], gate: Optional[HRMGate] = None):
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
+        super().__init__(layers)
         self.gate = gate  # None: the original ungated module (no extra state-dict keys)
-
-    def forward(self, hidden_states: torch.Tensor, input_injection: torch.Tensor,
-                cos_sin: Optional[CosSin] = None) -> torch.Tensor:
-        hidden_states = hidden_states + input_injection
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, cos_sin=cos_sin)
-        return hidden_states
 
     def update(self, z_self: torch.Tensor, z_other: torch.Tensor, x: Optional[torch.Tensor],
                cos_sin: Optional[CosSin]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -306,45 +290,40 @@ class HierarchicalReasoningModel_ACTV1_Inner(nn.Module):
                                                           z_L=torch.where(flag, self.L_init, carry.z_L))
 
     def forward(self, carry: HierarchicalReasoningModel_ACTV1InnerCarry, batch: dict[str, torch.Tensor],
-                with_outputs: bool = True, collect_gate_stats: bool = True):
+                with_outputs: bool = True, collect_gate_stats: bool = True, hook: Optional[Hook] = None):
         """One segment. Returns (new_carry, logits [B, L, V] or None, (q_halt, q_continue) [B] fp32,
-        gate stats dict)."""
+        gate stats dict). `hook`: see models/recursion.py."""
         cfg = self.config
         cos_sin = self.rotary_emb() if cfg.pos_encodings == "rope" else None
         x = self._input_embeddings(batch["inputs"], batch["puzzle_identifiers"])  # [B, S, D], built with grad
 
-        stats_L = stats_H = None
         gated = cfg.use_gating and collect_gate_stats
-        with torch.no_grad():
-            z_H, z_L = carry.z_H, carry.z_L
-            for h_step in range(cfg.H_cycles):
-                for l_step in range(cfg.L_cycles):
-                    if not (h_step == cfg.H_cycles - 1 and l_step == cfg.L_cycles - 1):
-                        z_L, g = self.L_level.update(z_L, z_H, x, cos_sin)
-                        if gated:
-                            stats_L = _merge_stats(stats_L, _gate_stats("gate/L", g, ("self", "other", "x")))
-                if h_step != cfg.H_cycles - 1:
-                    z_H, g = self.H_level.update(z_H, z_L, None, cos_sin)
-                    if gated:
-                        stats_H = _merge_stats(stats_H, _gate_stats("gate/H", g, ("self", "other")))
+        stats = {"L": None, "H": None}
 
-        # 1-step gradient: only these two calls are differentiated.
-        z_L, g = self.L_level.update(z_L, z_H, x, cos_sin)
-        if gated:
-            stats_L = _merge_stats(stats_L, _gate_stats("gate/L", g, ("self", "other", "x")))
-        z_H, g = self.H_level.update(z_H, z_L, None, cos_sin)
-        if gated:
-            stats_H = _merge_stats(stats_H, _gate_stats("gate/H", g, ("self", "other")))
+        def L_step(z_L, z_H, x):
+            z_L, g = self.L_level.update(z_L, z_H, x, cos_sin)
+            if gated:
+                stats["L"] = _merge_stats(stats["L"], _gate_stats("gate/L", g, ("self", "other", "x")))
+            return z_L
+
+        def H_step(z_H, z_L):
+            z_H, g = self.H_level.update(z_H, z_L, None, cos_sin)
+            if gated:
+                stats["H"] = _merge_stats(stats["H"], _gate_stats("gate/H", g, ("self", "other")))
+            return z_H
+
+        # 1-step gradient: only the last L-call and the last H-call are differentiated.
+        z_H, z_L = hrm_recursion(carry.z_H, carry.z_L, x, L_step, H_step, cfg.H_cycles, cfg.L_cycles, hook=hook)
 
         new_carry = HierarchicalReasoningModel_ACTV1InnerCarry(z_H=z_H.detach(), z_L=z_L.detach())
         logits = self.lm_head(z_H)[:, self.puzzle_emb_len:] if with_outputs else None
         # Q-head reads position 0 (the puzzle-embedding slot), like a CLS token.
         q_logits = self.q_head(z_H[:, 0]).to(torch.float32)
-        stats = {}
+        gate_stats = {}
         if gated:
-            stats.update(_finish_stats(stats_L))
-            stats.update(_finish_stats(stats_H))
-        return new_carry, logits, (q_logits[..., 0], q_logits[..., 1]), stats
+            gate_stats.update(_finish_stats(stats["L"]))
+            gate_stats.update(_finish_stats(stats["H"]))
+        return new_carry, logits, (q_logits[..., 0], q_logits[..., 1]), gate_stats
 
 
 # ----------------------------------------------------------------------------------------------
