@@ -330,12 +330,8 @@ def save_now(run: Run, name: Optional[str] = None, eval_outputs: Optional[dict] 
             extra["tokenizer.json"] = tokenizer.read_text()
         if name == "best":
             extra["best.json"] = f'{{"metric": "{run.cfg.save_best.metric}", "value": {run.best_value}, "step": {run.step}}}\n'
-        path = ckpt.save_checkpoint(run.run_dir, name, run.head.state_dict(), state, run.config_yaml, extra)
-        if eval_outputs:
-            import numpy as np
-            tmp = path / f".tmp-eval_outputs-{os.getpid()}.npz"
-            np.savez_compressed(tmp, **eval_outputs)
-            os.replace(tmp, path / "eval_outputs.npz")
+        arrays = {"eval_outputs.npz": eval_outputs} if eval_outputs else None
+        ckpt.save_checkpoint(run.run_dir, name, run.head.state_dict(), state, run.config_yaml, extra, arrays)
         if name.startswith("step_"):
             ckpt.rotate_checkpoints(run.run_dir, run.cfg.checkpoint_limit)
     if name is None or name.startswith("step_"):

@@ -8,11 +8,15 @@
 - `config.yaml`: the resolved config, arch keys injected from the dataset included, so the model can
   be rebuilt from the checkpoint alone.
 
-Writes are atomic: a temp dir next to the target, fsync, then rename. A kill at any moment leaves the
-previous checkpoint intact and never a half-written `step_N`."""
+Writes are atomic: a temp dir next to the target, fsync, then rename. Replacing an existing dir (`best`,
+or a step written twice) takes two renames: the old dir first moves to `.tmp-old-<name>-<pid>`, which the
+next start renames back if the new one never arrived. A kill at any moment therefore leaves every
+previous checkpoint intact and never a half-written `step_N`; tests/test_checkpoint_faults.py kills a
+save at each of its renames and unlinks to check that."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import pickle
@@ -31,6 +35,40 @@ CONFIG_FILE = "config.yaml"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used (missing, refused, shapes that do not fit). One-line message."""
+
+
+# Fault injection for the crash-safety tests: when set, called as hook(op, path) right before every
+# rename, unlink and rmdir that saving, rotating or recovering checkpoints performs ("rename", "unlink",
+# "rmdir"), so a test can kill the process at exactly that instant.
+fault_hook = None
+
+
+def _fs_op(op: str, path: Path) -> None:
+    if fault_hook is not None:
+        fault_hook(op, path)
+
+
+def _replace(src: Path, dst: Path) -> None:
+    _fs_op("rename", src)
+    os.replace(src, dst)
+
+
+def _rmtree(path: Path) -> None:
+    """shutil.rmtree(ignore_errors=True), but one unlink at a time so that the fault hook sees each."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            for p in sorted(path.iterdir()):
+                _rmtree(p)
+            _fs_op("rmdir", path)
+            path.rmdir()
+        elif path.exists() or path.is_symlink():
+            _fs_op("unlink", path)
+            path.unlink()
+    except OSError:
+        shutil.rmtree(path, ignore_errors=True)
+    except KeyboardInterrupt:  # Ctrl-C mid-delete: finish it, so no .tmp-* is left behind, then stop
+        shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 # ------------------------------------------------------------------------------------------------
@@ -66,13 +104,32 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return dirs[-1][1] if dirs else None
 
 
-def remove_stale_temps(run_dir: str | os.PathLike) -> None:
-    """Temp dirs left by a killed writer."""
+OLD_RE = re.compile(r"^\.tmp-old-(?P<name>.+)-(?P<pid>\d+)$")
+
+
+def _is_complete(step_dir: Path) -> bool:
+    return (step_dir / WEIGHTS_FILE).is_file() and (step_dir / CONFIG_FILE).is_file()
+
+
+def remove_stale_temps(run_dir: str | os.PathLike) -> list[Path]:
+    """Clean up after a killed writer (call it with the run dir locked): a `.tmp-old-<name>-<pid>` whose
+    replacement `<name>` never arrived is renamed back to `<name>`; every other `.tmp-*` is removed.
+    Returns the recovered dirs."""
     run_dir = Path(run_dir)
-    if run_dir.is_dir():
-        for p in run_dir.iterdir():
-            if p.name.startswith(".tmp-") and p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
+    if not run_dir.is_dir():
+        return []
+    recovered = []
+    for p in sorted(run_dir.iterdir()):
+        m = OLD_RE.match(p.name)
+        if m and p.is_dir() and not (run_dir / m.group("name")).exists() and _is_complete(p):
+            _replace(p, run_dir / m.group("name"))
+            recovered.append(run_dir / m.group("name"))
+    for p in run_dir.iterdir():
+        if p.name.startswith(".tmp-"):
+            _rmtree(p)
+    if recovered:
+        _fsync_dir(run_dir)
+    return recovered
 
 
 def _fsync_file(path: Path) -> None:
@@ -93,9 +150,40 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    """ENOSPC/EDQUOT as an OSError, or as torch.save's "unexpected pos" / safetensors' IoError text."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return True
+    text = str(e)
+    return any(s in text for s in ("No space left", "unexpected pos", "StorageFull", "Disk quota", "File too large"))
+
+
+def _write_error(e: BaseException, final: Path, run_dir: Path) -> CheckpointError | None:
+    """The one-line error for a failed write (None: not a file-system problem, re-raise as is)."""
+    if _is_disk_full(e):
+        try:
+            free = f"; {shutil.disk_usage(run_dir).free / 2**20:.0f} MiB free"
+        except OSError:
+            free = ""
+        return CheckpointError(f"no space left on device while writing checkpoint '{final}'{free}; "
+                               f"the previous checkpoints in '{run_dir}' are intact (free space or set checkpoint_limit)")
+    if isinstance(e, OSError):
+        return CheckpointError(f"cannot write checkpoint '{final}': {e.strerror or e}; "
+                               f"the previous checkpoints in '{run_dir}' are intact")
+    return None
+
+
 def save_checkpoint(run_dir: str | os.PathLike, name: str, weights: dict[str, torch.Tensor],
-                    train_state: dict | None, config_yaml: str, extra_files: dict[str, str] | None = None) -> Path:
-    """Write `<run_dir>/<name>/` atomically and return its path."""
+                    train_state: dict | None, config_yaml: str, extra_files: dict[str, str] | None = None,
+                    extra_arrays: dict[str, dict] | None = None) -> Path:
+    """Write `<run_dir>/<name>/` atomically and return its path. `extra_arrays`: {file name: {key: numpy
+    array}} written with np.savez_compressed inside the same atomic write (eval outputs)."""
     from safetensors.torch import save_file
 
     run_dir = Path(run_dir)
@@ -103,29 +191,41 @@ def save_checkpoint(run_dir: str | os.PathLike, name: str, weights: dict[str, to
     final = run_dir / name
     tmp = run_dir / f".tmp-{name}-{os.getpid()}"
     if tmp.exists():
-        shutil.rmtree(tmp)
+        _rmtree(tmp)
     tmp.mkdir()
     try:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        os.chmod(tmp / WEIGHTS_FILE, 0o666 & ~_umask())  # safetensors creates it 0600; match the other files
         if train_state is not None:
             torch.save(train_state, tmp / STATE_FILE)
         (tmp / CONFIG_FILE).write_text(config_yaml)
         for fname, text in (extra_files or {}).items():
             (tmp / fname).write_text(text)
+        if extra_arrays:
+            import numpy as np
+            for fname, arrays in extra_arrays.items():
+                with open(tmp / fname, "wb") as f:
+                    np.savez_compressed(f, **arrays)
         for p in tmp.iterdir():
             _fsync_file(p)
         _fsync_dir(tmp)
         if final.exists():
+            # Two renames; between them the old dir exists only as .tmp-old-*, which remove_stale_temps
+            # renames back. It is deleted only once the new dir is in place.
             old = run_dir / f".tmp-old-{name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            _replace(final, old)
+            _replace(tmp, final)
+            _fsync_dir(run_dir)
+            _rmtree(old)
         else:
-            os.replace(tmp, final)
+            _replace(tmp, final)
         _fsync_dir(run_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)  # Ctrl-C or a full disk: nothing partial stays behind
+        error = _write_error(e, final, run_dir) if isinstance(e, Exception) else None
+        if error is not None:
+            raise error from None
         raise
     return final
 
@@ -137,8 +237,8 @@ def rotate_checkpoints(run_dir: str | os.PathLike, limit: int) -> list[Path]:
     removed = []
     for _, path in list_step_dirs(run_dir)[:-limit]:
         trash = path.with_name(f".tmp-del-{path.name}")
-        os.replace(path, trash)  # gone from the step_N namespace at once, then removed at leisure
-        shutil.rmtree(trash, ignore_errors=True)
+        _replace(path, trash)  # gone from the step_N namespace at once, then removed at leisure
+        _rmtree(trash)
         removed.append(path)
     return removed
 
