@@ -216,15 +216,30 @@ def invert_arc_augmentation(grid: np.ndarray, name: str) -> np.ndarray:
     return np.argsort(cmap)[inverse_dihedral_transform(np.asarray(grid), tid)]
 
 
-def arc_grid_from_tokens(tokens: np.ndarray) -> np.ndarray:
-    """Crop a 900-token ARC canvas to its colour grid (values 0..9), with the original evaluator's rule:
-    the largest-area top-left rectangle whose every cell is a colour token, where each row's run of
-    colours is measured from the left and may only shrink going down. Returns shape (0, 0) if none."""
-    g = np.asarray(tokens).reshape(ARC_GRID, ARC_GRID)
+def encode_arc_canvas(grid: np.ndarray, pad_r: int = 0, pad_c: int = 0, side: int = ARC_GRID) -> np.ndarray:
+    """A colour grid -> side*side tokens on a side x side canvas at offset (pad_r, pad_c): colour c -> c + 2,
+    EOS on the row under the grid and the column right of it (not the corner), PAD elsewhere. side=30 is
+    the original ARC encoding."""
+    nr, nc = grid.shape
+    canvas = np.zeros((side, side), dtype=np.uint8)
+    canvas[pad_r:pad_r + nr, pad_c:pad_c + nc] = grid + ARC_COLOR_OFFSET
+    if pad_r + nr < side:
+        canvas[pad_r + nr, pad_c:pad_c + nc] = ARC_EOS
+    if pad_c + nc < side:
+        canvas[pad_r:pad_r + nr, pad_c + nc] = ARC_EOS
+    return canvas.reshape(-1)
+
+
+def arc_grid_from_tokens(tokens: np.ndarray, side: int = ARC_GRID) -> np.ndarray:
+    """Crop a side*side-token ARC canvas (900 tokens by default) to its colour grid (values 0..9), with the
+    original evaluator's rule: the largest-area top-left rectangle whose every cell is a colour token, where
+    each row's run of colours is measured from the left and may only shrink going down. Returns shape (0, 0)
+    if none."""
+    g = np.asarray(tokens).reshape(side, side)
     is_color = (g >= ARC_COLOR_OFFSET) & (g < ARC_COLOR_OFFSET + 10)
-    run = np.where(is_color.all(axis=1), ARC_GRID, np.argmin(is_color, axis=1))
+    run = np.where(is_color.all(axis=1), side, np.argmin(is_color, axis=1))
     width = np.minimum.accumulate(run)
-    area = width * np.arange(1, ARC_GRID + 1)
+    area = width * np.arange(1, side + 1)
     best = int(np.argmax(area))  # first maximum, as a strict '>' scan would keep
     if area[best] == 0:
         return np.zeros((0, 0), dtype=np.int64)
@@ -243,6 +258,9 @@ class PuzzleSetArrays:
     puzzle_identifiers: np.ndarray
     puzzle_indices: np.ndarray
     group_indices: np.ndarray
+    # Optional per-example arrays written beside the standard ones as <set>__<key>.npy (the loader ignores
+    # them), e.g. the context format's example names.
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, np.ndarray]:
         return {k: getattr(self, k) for k in ARRAY_FIELDS}
@@ -266,10 +284,11 @@ def split_metadata(sets: Mapping[str, PuzzleSetArrays], *, vocab_size: int, seq_
 
 def write_puzzle_dataset(output_dir: str | os.PathLike,
                          splits: Mapping[str, tuple[PuzzleDatasetMetadata, Mapping[str, PuzzleSetArrays]]],
-                         identifiers: Sequence[str]) -> Path:
+                         identifiers: Sequence[str], extra_files: Mapping[str, object] | None = None) -> Path:
     """Write a whole dataset atomically: everything goes into a temporary sibling directory that is
     validated and then renamed onto `output_dir` (replacing an older build), so a crash or a bad
-    array never leaves a half-written dataset behind."""
+    array never leaves a half-written dataset behind. `extra_files`: name -> JSON-able object written
+    at the top level (e.g. a generator's task listing)."""
     out = Path(output_dir).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -279,10 +298,17 @@ def write_puzzle_dataset(output_dir: str | os.PathLike,
             sdir.mkdir()
             meta.save(sdir / "dataset.json")
             for set_name, arrays in sets.items():
-                for key, arr in arrays.as_dict().items():
+                for key, arr in arrays.extra.items():
+                    if len(arr) != len(arrays.inputs):
+                        raise DatasetError(f"{split}/{set_name}__{key}: {len(arr)} rows but {len(arrays.inputs)} "
+                                           f"examples")
+                for key, arr in {**arrays.as_dict(), **arrays.extra}.items():
                     np.save(sdir / f"{set_name}__{key}.npy", np.ascontiguousarray(arr), allow_pickle=False)
         with open(tmp / "identifiers.json", "w") as f:
             json.dump(list(identifiers), f)
+        for name, obj in (extra_files or {}).items():
+            with open(tmp / name, "w") as f:
+                json.dump(obj, f)
         validate_puzzle_dataset(tmp, splits=tuple(splits))
         old = None
         if out.exists():
