@@ -20,6 +20,10 @@ a task's variants do not change when other tasks are added or removed.
 Names: the unaugmented variant keeps the task name; others are `<task>_t<tid>_<colour map digits>`
 (dataset.common.parse_arc_identifier / invert_arc_augmentation undo them). Ids start at 1 in order
 train split, group (task, sorted), variant; a test puzzle shares the id of its train variant.
+
+--mode context (dataset/context.py): each example holds the task's demonstrations and a query, puzzle ids
+are all blank, evaluation-subset tasks are in the test split only and training tasks give leave-one-out
+examples (see build_context).
 """
 from __future__ import annotations
 
@@ -34,8 +38,9 @@ import numpy as np
 from tqdm import tqdm
 
 from dataset.common import (ARC_COLOR_OFFSET, ARC_EOS, ARC_GRID, BLANK_IDENTIFIER, DatasetError,
-                            PuzzleSetArrays, arc_identifier, dihedral_transform, exit_on_dataset_error,
+                            PuzzleSetArrays, arc_identifier, dihedral_transform, encode_arc_canvas, exit_on_dataset_error,
                             split_metadata, write_puzzle_dataset)
+from dataset.context import (CONTEXT_VOCAB_SIZE, EXAMPLE_NAMES, demos_that_fit, encode_context, pad_rows)
 
 VOCAB_SIZE = ARC_COLOR_OFFSET + 10  # PAD, EOS, 10 colours
 SEQ_LEN = ARC_GRID * ARC_GRID
@@ -82,7 +87,8 @@ def load_task(path: Path, subset: str) -> ArcTask:
         if key not in d:
             raise DatasetError(f"{path}: task has no '{key}' list")
         if not isinstance(d[key], list) or not d[key]:
-            raise DatasetError(f"{path}: '{key}' must be a non-empty list of input/output pairs")
+            what = " (the task's demonstrations)" if key == "train" else ""
+            raise DatasetError(f"{path}: '{key}' must be a non-empty list of input/output pairs{what}")
         pairs[key] = []
         for i, ex in enumerate(d[key]):
             if not isinstance(ex, dict) or "input" not in ex or "output" not in ex:
@@ -117,14 +123,7 @@ def find_task_files(dataset_dirs: list[str]) -> list[tuple[str, Path]]:
 
 def encode_grid(grid: np.ndarray, pad_r: int, pad_c: int) -> np.ndarray:
     """A colour grid -> 900 tokens on the 30x30 canvas at offset (pad_r, pad_c)."""
-    nr, nc = grid.shape
-    canvas = np.zeros((ARC_GRID, ARC_GRID), dtype=np.uint8)
-    canvas[pad_r:pad_r + nr, pad_c:pad_c + nc] = grid + ARC_COLOR_OFFSET
-    if pad_r + nr < ARC_GRID:
-        canvas[pad_r + nr, pad_c:pad_c + nc] = ARC_EOS
-    if pad_c + nc < ARC_GRID:
-        canvas[pad_r:pad_r + nr, pad_c + nc] = ARC_EOS
-    return canvas.reshape(-1)
+    return encode_arc_canvas(grid, pad_r, pad_c)
 
 
 def _example_hash(inp: np.ndarray, out: np.ndarray) -> bytes:
@@ -167,13 +166,14 @@ def augment_task(dests: dict[str, list], num_aug: int, rng: np.random.Generator,
 
 class _SplitBuffer:
     def __init__(self):
-        self.inputs, self.labels, self.pids = [], [], []
+        self.inputs, self.labels, self.pids, self.names = [], [], [], []
         self.puzzle_indices, self.group_indices = [0], [0]
 
-    def add_puzzle(self, pid: int, examples: list[np.ndarray]) -> None:
+    def add_puzzle(self, pid: int, examples: list[np.ndarray], name_id: int = 0) -> None:
         for inp, lab in examples:
             self.inputs.append(inp)
             self.labels.append(lab)
+        self.names += [name_id] * len(examples)
         self.pids.append(pid)
         self.puzzle_indices.append(len(self.inputs))
 
@@ -181,24 +181,31 @@ class _SplitBuffer:
         if len(self.pids) > self.group_indices[-1]:
             self.group_indices.append(len(self.pids))
 
-    def arrays(self) -> PuzzleSetArrays:
-        empty = np.zeros((0, SEQ_LEN), np.uint8)
-        return PuzzleSetArrays(inputs=np.stack(self.inputs) if self.inputs else empty,
-                               labels=np.stack(self.labels) if self.labels else empty,
+    def arrays(self, seq_len: int = SEQ_LEN, with_names: bool = False) -> PuzzleSetArrays:
+        fixed = all(len(r) == seq_len for r in self.inputs)
+        rows = (lambda rs: np.stack(rs)) if fixed and self.inputs else (lambda rs: pad_rows(rs, seq_len))
+        extra = {EXAMPLE_NAMES: np.asarray(self.names, dtype=np.int32)} if with_names else {}
+        return PuzzleSetArrays(inputs=rows(self.inputs), labels=rows(self.labels),
                                puzzle_identifiers=np.asarray(self.pids, dtype=np.int32),
                                puzzle_indices=np.asarray(self.puzzle_indices, dtype=np.int32),
-                               group_indices=np.asarray(self.group_indices, dtype=np.int32))
+                               group_indices=np.asarray(self.group_indices, dtype=np.int32), extra=extra)
 
 
-def build(args: argparse.Namespace) -> dict:
-    files = find_task_files(args.dataset_dirs)
+def load_tasks(dataset_dirs: list[str]) -> list[ArcTask]:
     tasks, names = [], {}
-    for subset, path in tqdm(files, desc="load tasks", unit="task", leave=False):
+    for subset, path in tqdm(find_task_files(dataset_dirs), desc="load tasks", unit="task", leave=False):
         t = load_task(path, subset)
         if t.name in names:
             raise DatasetError(f"{path}: task name {t.name!r} already used by {names[t.name]}")
         names[t.name] = path
         tasks.append(t)
+    return tasks
+
+
+def build(args: argparse.Namespace) -> dict:
+    tasks = load_tasks(args.dataset_dirs)
+    if args.mode == "context":
+        return build_context(args, tasks)
     eval_subsets = set(args.eval_subsets)
     ids: dict[str, int] = {}
     short = 0  # tasks too symmetric / too few colours to reach 1 + num_aug distinct variants
@@ -239,9 +246,57 @@ def build(args: argparse.Namespace) -> dict:
         splits[split] = (split_metadata(sets, vocab_size=VOCAB_SIZE, seq_len=SEQ_LEN,
                                         num_puzzle_identifiers=len(identifiers)), sets)
     write_puzzle_dataset(args.output_dir, splits, identifiers)
-    return {"tasks": len(tasks), "ids": len(identifiers),
+    return {"mode": "canvas", "tasks": len(tasks), "ids": len(identifiers),
             "train_examples": len(split_buf["train"].inputs), "test_examples": len(split_buf["test"].inputs),
             "test_groups": len(split_buf["test"].group_indices) - 1, "short": short}
+
+
+def build_context(args: argparse.Namespace, tasks: list[ArcTask]) -> dict:
+    """The context format (dataset/context.py). A task of an --eval-subsets subset goes to the test split only
+    (its `train` pairs as demonstrations, each `test` pair as one query); every other task goes to the train
+    split only, one example per pair: that pair as the query, all its other pairs (train and test) as the
+    demonstrations (leave-one-out). So no evaluation task, nor any augmentation of one, is in the train split.
+    Augmentations as in the canvas mode, one (dihedral, colour map) per variant applied to every grid of it."""
+    eval_subsets, side = set(args.eval_subsets), args.answer_side
+    names = [BLANK_IDENTIFIER]
+    split_buf = {"train": _SplitBuffer(), "test": _SplitBuffer()}
+    dropped = dropped_rows = 0
+    for task in tqdm(tasks, desc="augment + serialise", unit="task", leave=False):
+        rng = task_generator(args.seed, task.name)
+        is_eval = task.subset in eval_subsets
+        dests = {"demos": list(task.train), "queries": list(task.test)} if is_eval else {
+            "pairs": list(task.train) + list(task.test)}
+        buf = split_buf["test" if is_eval else "train"]
+        for vname, vd in augment_task(dests, args.num_aug, rng, task.name):
+            if is_eval:
+                examples = [(vd["demos"], q) for q in vd["queries"]]
+            else:
+                ps = vd["pairs"]
+                examples = [(ps[:j] + ps[j + 1:], ps[j]) for j in range(len(ps))]
+            rows = []
+            for demos, (q_in, q_out) in examples:
+                if q_out.shape[0] > side or q_out.shape[1] > side:
+                    raise DatasetError(f"{task.path}: answer grid {q_out.shape[0]}x{q_out.shape[1]} is larger than "
+                                       f"the answer canvas --answer-side {side}")
+                kept = demos_that_fit(demos, q_in, side, args.max_context, str(task.path))
+                dropped += len(demos) - kept
+                dropped_rows += kept < len(demos)
+                rows.append(encode_context(demos[:kept], q_in, q_out, side))
+            buf.add_puzzle(0, rows, name_id=len(names))
+            names.append(vname)
+        buf.end_group()
+    longest = max(len(r) for b in split_buf.values() for r in b.inputs)
+    seq_len = min(-(-longest // 8) * 8, args.max_context)  # a multiple of 8 where the cap allows
+    splits = {}
+    for split, buf in split_buf.items():
+        sets = {"all": buf.arrays(seq_len, with_names=True)}
+        splits[split] = (split_metadata(sets, vocab_size=CONTEXT_VOCAB_SIZE, seq_len=seq_len,
+                                        num_puzzle_identifiers=1), sets)
+    write_puzzle_dataset(args.output_dir, splits, names)
+    return {"mode": "context", "tasks": len(tasks), "ids": 1, "seq_len": seq_len,
+            "train_examples": len(split_buf["train"].inputs), "test_examples": len(split_buf["test"].inputs),
+            "test_groups": len(split_buf["test"].group_indices) - 1, "dropped": dropped,
+            "dropped_rows": dropped_rows}
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -253,6 +308,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-aug", type=int, default=1000, help="augmented variants per task (default 1000)")
     p.add_argument("--eval-subsets", nargs="+", default=["evaluation"],
                    help="subsets whose test pairs form the test split (default: evaluation)")
+    p.add_argument("--mode", choices=("canvas", "context"), default="canvas",
+                   help="canvas: the original encoding, one pair per 30x30 canvas, a puzzle id per variant; "
+                        "context: demonstrations in the input, no ids (dataset/context.py)")
+    p.add_argument("--max-context", type=int, default=8192,
+                   help="context mode: longest row in tokens; demonstrations beyond it are dropped (default 8192)")
+    p.add_argument("--answer-side", type=int, default=ARC_GRID,
+                   help="context mode: side of the answer canvas (default 30, the largest ARC grid)")
     return p
 
 
@@ -262,8 +324,16 @@ def main(argv: list[str] | None = None) -> None:
     with exit_on_dataset_error():
         if args.num_aug < 0:
             raise DatasetError("--num-aug must be >= 0")
+        if args.max_context < 1 or not 1 <= args.answer_side <= ARC_GRID:
+            raise DatasetError(f"--max-context must be >= 1 and --answer-side in 1..{ARC_GRID}")
         s = build(args)
     note = "" if s["test_examples"] else f" (test split empty: no subset named {' / '.join(args.eval_subsets)})"
+    if s["mode"] == "context":
+        print(f"arc (context): {s['tasks']} tasks, no puzzle ids, {s['train_examples']} train examples, "
+              f"{s['test_examples']} test examples in {s['test_groups']} groups{note}, seq_len {s['seq_len']}, "
+              f"{s['dropped']} demonstrations dropped by --max-context {args.max_context} (in {s['dropped_rows']} "
+              f"rows), written to {args.output_dir} in {time.perf_counter() - t0:.1f} s")
+        return
     print(f"arc: {s['tasks']} tasks, {s['ids']} puzzle ids, {s['train_examples']} train examples, "
           f"{s['test_examples']} test examples in {s['test_groups']} groups{note}, {s['short']} tasks with fewer "
           f"than {1 + args.num_aug} distinct variants, written to "
