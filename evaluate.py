@@ -20,10 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
+from dataset.context import EXAMPLE_NAMES, is_context_dataset
+
 from utils.checkpoint import CheckpointError, load_model_from_checkpoint, resolve_checkpoint, write_json_atomic
 from utils.data import data_errors, dataset_kind, make_dataset, make_loader, validate_dataset
 from utils.distributed import init_distributed, shutdown_distributed
-from utils.evaluation import evaluate
+from utils.evaluation import evaluate, output_row_order
 from utils.schema import ConfigError
 
 SAVE_KEYS = ["inputs", "labels", "puzzle_identifiers", "preds", "q_halt_logits"]
@@ -101,11 +103,22 @@ def run(args: argparse.Namespace) -> dict:
         tmp = out_dir / f".tmp-predictions-{os.getpid()}.npz"
         np.savez_compressed(tmp, **outputs)
         os.replace(tmp, out_dir / "predictions.npz")
-    arc = args.arc == "true" or (args.arc == "auto" and puzzle and is_arc_dataset(data_path))
+    in_context = puzzle and is_context_dataset(data_path, args.split)
+    arc = args.arc == "true" or (args.arc == "auto" and puzzle and (is_arc_dataset(data_path) or in_context))
     if arc and outputs:
         from utils import arc_scoring
-        tasks = arc_scoring.vote(outputs["inputs"], outputs["labels"], outputs["preds"], outputs["puzzle_identifiers"],
-                                 outputs["q_halt_logits"], arc_scoring.load_identifiers(data_path))
+        if in_context:  # names per example, in dataset order; outputs come rank-interleaved
+            names = arc_scoring.load_identifiers(data_path)
+            split_dir = Path(data_path) / args.split
+            name_ids = [np.load(split_dir / f"{s}__{EXAMPLE_NAMES}.npy") for s in dataset.metadata.sets]
+            rows = output_row_order([len(n) for n in name_ids], gbs, info.world_size, args.max_eval_batches)
+            row_names = [names[i] for i in np.concatenate(name_ids)[rows]]
+            tasks = arc_scoring.vote_context(outputs["inputs"], outputs["labels"], outputs["preds"],
+                                             outputs["q_halt_logits"], row_names)
+        else:
+            tasks = arc_scoring.vote(outputs["inputs"], outputs["labels"], outputs["preds"],
+                                     outputs["puzzle_identifiers"], outputs["q_halt_logits"],
+                                     arc_scoring.load_identifiers(data_path))
         metrics.update({f"arc/{k}": v for k, v in arc_scoring.pass_at_k(tasks).items()})
         write_json_atomic(out_dir / "submission.json", arc_scoring.submission(tasks))
     metrics["eval/num_examples"] = float(len(outputs["preds"])) if outputs else float("nan")

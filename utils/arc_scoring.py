@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dataset import context
 from dataset.common import arc_grid_from_tokens, invert_arc_augmentation, parse_arc_identifier
 
 DEFAULT_KS = (1, 2, 10)
@@ -52,34 +53,47 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
 
 
-def vote(inputs: np.ndarray, labels: np.ndarray, preds: np.ndarray, puzzle_identifiers: np.ndarray,
-         q_halt_logits: np.ndarray, identifiers: list[str]) -> dict[str, dict[tuple, TestInput]]:
-    """Group de-augmented predictions by (task, input). Arrays are row-aligned token arrays [N, 900]
-    (labels may hold -100 for ignored cells); rows with puzzle id 0 (blank/padding) are skipped."""
+def _vote_rows(rows) -> dict[str, dict[tuple, TestInput]]:
+    """rows: (variant name, input grid, label grid, predicted grid, confidence), all grids still augmented."""
     tasks: dict[str, dict[tuple, TestInput]] = defaultdict(dict)
-    confidence = _sigmoid(q_halt_logits)
     n_order = 0
-    for i in range(len(puzzle_identifiers)):
-        pid = int(puzzle_identifiers[i])
-        if pid == 0:
-            continue
-        name = identifiers[pid]
+    for name, inp, lab, pred, conf in rows:
         task, _, _ = parse_arc_identifier(name)
-        inp = invert_arc_augmentation(arc_grid_from_tokens(inputs[i]), name)
+        inp = invert_arc_augmentation(inp, name)
         ti = tasks[task].get(_key(inp))
         if ti is None:
             ti = tasks[task][_key(inp)] = TestInput(order=n_order)
             n_order += 1
         if ti.label is None:
-            lab = np.where(np.asarray(labels[i]) < 0, 0, labels[i])  # -100 (ignored) reads as PAD
-            ti.label = invert_arc_augmentation(arc_grid_from_tokens(lab), name)
-        pred = invert_arc_augmentation(arc_grid_from_tokens(preds[i]), name)
+            ti.label = invert_arc_augmentation(lab, name)
+        pred = invert_arc_augmentation(pred, name)
         cand = ti.candidates.get(_key(pred))
         if cand is None:
             cand = ti.candidates[_key(pred)] = Candidate(grid=pred)
         cand.votes += 1
-        cand.q_sum += float(confidence[i])
+        cand.q_sum += float(conf)
     return tasks
+
+
+def vote(inputs: np.ndarray, labels: np.ndarray, preds: np.ndarray, puzzle_identifiers: np.ndarray,
+         q_halt_logits: np.ndarray, identifiers: list[str]) -> dict[str, dict[tuple, TestInput]]:
+    """Group de-augmented predictions by (task, input). Arrays are row-aligned token arrays [N, 900]
+    (labels may hold -100 for ignored cells); rows with puzzle id 0 (blank/padding) are skipped."""
+    confidence = _sigmoid(q_halt_logits)
+    keep = [i for i in range(len(puzzle_identifiers)) if int(puzzle_identifiers[i]) != 0]
+    return _vote_rows((identifiers[int(puzzle_identifiers[i])], arc_grid_from_tokens(inputs[i]),
+                       arc_grid_from_tokens(np.where(np.asarray(labels[i]) < 0, 0, labels[i])),  # -100 reads as PAD
+                       arc_grid_from_tokens(preds[i]), confidence[i]) for i in keep)
+
+
+def vote_context(inputs: np.ndarray, labels: np.ndarray, preds: np.ndarray, q_halt_logits: np.ndarray,
+                 names: list[str]) -> dict[str, dict[tuple, TestInput]]:
+    """`vote` for the context format (dataset/context.py): the query grid is read from the context, the answer
+    from the answer canvas; `names[i]` is row i's variant name (from <set>__example_names.npy)."""
+    confidence = _sigmoid(q_halt_logits)
+    return _vote_rows((names[i], context.query_grid(inputs[i]),
+                       context.answer_grid(inputs[i], np.where(np.asarray(labels[i]) < 0, 0, labels[i])),
+                       context.answer_grid(inputs[i], preds[i]), confidence[i]) for i in range(len(names)))
 
 
 def pass_at_k(tasks: dict[str, dict[tuple, TestInput]], ks=DEFAULT_KS) -> dict[str, float]:

@@ -163,3 +163,19 @@ def _interleave_ranks(parts: list[dict[str, np.ndarray]], keys: list[str]) -> di
     concatenation by rank is a permutation of dataset order; puzzle order is restored by the caller
     where it matters (ARC voting does not depend on order)."""
     return {k: np.concatenate([p[k] for p in parts]) if parts and len(parts[0][k]) else np.zeros((0,)) for k in keys}
+
+
+def output_row_order(set_sizes: int | list[int], global_batch_size: int, world_size: int,
+                     max_batches: Optional[int] = None) -> np.ndarray:
+    """Dataset row (counted across the split's sets in order) of each row of the gathered test-mode outputs,
+    which `_interleave_ranks` concatenates rank-major: rank r held rows [s + r*B, s + (r+1)*B) of every
+    batch starting at s, batches running set by set (a set's last batch may be short)."""
+    B = global_batch_size // world_size
+    sizes = [set_sizes] if isinstance(set_sizes, int) else list(set_sizes)
+    batches, offset = [], 0
+    for n in sizes:
+        batches += [(offset + s, offset + min(s + global_batch_size, n)) for s in range(0, n, global_batch_size)]
+        offset += n
+    batches = batches[:max_batches] if max_batches is not None else batches
+    parts = [np.arange(min(s + r * B, e), min(s + (r + 1) * B, e)) for r in range(world_size) for s, e in batches]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
