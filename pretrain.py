@@ -71,6 +71,8 @@ class Run:
     acc: MetricAccumulator = field(default_factory=MetricAccumulator)
     bad_step: Optional[torch.Tensor] = None
     skipped_steps: int = 0
+    consecutive_skips: int = 0
+    reported_skips: int = 0       # skipped_steps already announced on the console
     best_value: Optional[float] = None
     evals_without_improvement: int = 0
     last_log_time: float = 0.0
@@ -80,6 +82,7 @@ class Run:
     stopped_early: bool = False
     last_eval: dict = field(default_factory=dict)
     last_saved_step: int = -1
+    lock: Optional[ckpt.RunDirLock] = None  # rank 0's exclusive hold on run_dir
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,10 +92,18 @@ class Run:
 def train(cfg: PretrainConfig, group: Optional[str] = None) -> dict:
     """Train to the end (or max_steps / early stop). Returns the last eval metrics + a summary."""
     info = init_distributed(cfg.device)
-    run = setup_run(cfg, info, group)
+    held: list = []
+    try:
+        run = setup_run(cfg, info, group, held)
+    except BaseException:
+        for lock in held:
+            lock.release(failed=True)  # and remove the run dir if this start created it and it is still empty
+        raise
     t0 = time.time()
     if run.step >= run.stop_step:
         run.logger.close()
+        if run.lock is not None:
+            run.lock.release()
         if info.is_main:
             print(f"nothing to do: {run.run_dir} is already at step {run.step} of {run.stop_step}", flush=True)
         return {"step": run.step, "seconds": 0.0, "skipped_steps": run.skipped_steps}
@@ -120,11 +131,15 @@ def train(cfg: PretrainConfig, group: Optional[str] = None) -> dict:
         if run.bar is not None:
             run.bar.close()
         run.logger.close()
+        if run.lock is not None:
+            run.lock.release()
     summary = {"step": run.step, "seconds": time.time() - t0, "skipped_steps": run.skipped_steps, **run.last_eval}
     summary.pop("_step", None)
     if info.is_main:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in run.last_eval.items() if k.startswith("eval/") and isinstance(v, float))
-        print(f"done: {run.step} steps in {summary['seconds']:.1f} s; {shown}; checkpoints in {run.run_dir}", flush=True)
+        skipped = f" ({run.skipped_steps} skipped: non-finite loss)" if run.skipped_steps else ""
+        print(f"done: {run.step} steps{skipped} in {summary['seconds']:.1f} s; {shown}; checkpoints in {run.run_dir}",
+              flush=True)
     return summary
 
 
@@ -155,7 +170,13 @@ def train_step(run: Run, batch: dict[str, torch.Tensor]) -> None:
         for opt in run.optimizers:
             opt.zero_grad(set_to_none=True)
         run.skipped_steps += 1
+        run.consecutive_skips += 1
+        if run.consecutive_skips >= cfg.nonfinite_max_skips:
+            raise TrainError(f"{run.consecutive_skips} consecutive steps (up to step {run.step}) had a non-finite loss "
+                             f"(nonfinite_max_skips={cfg.nonfinite_max_skips}); stopping (lower lr or set grad_clip); "
+                             f"the last checkpoint in {run.run_dir} is intact")
         return
+    run.consecutive_skips = 0
     run.bad_step = torch.where(~finite & (run.bad_step < 0), run.step, run.bad_step)
 
     dense = [p for p in run.head.parameters() if p.requires_grad]
@@ -241,6 +262,10 @@ def log_train_metrics(run: Run) -> None:
                 metrics["perf/mfu"] = run.flops_per_step * steps / dt / (peak * info.world_size)
     if run.skipped_steps:
         metrics["train/skipped_steps"] = float(run.skipped_steps)
+        if info.is_main and run.skipped_steps > run.reported_skips:
+            print(f"warning: skipped {run.skipped_steps - run.reported_skips} steps with a non-finite loss up to step "
+                  f"{run.step} ({run.skipped_steps} in all; nonfinite_loss=skip)", file=sys.stderr, flush=True)
+        run.reported_skips = run.skipped_steps
     run.last_log_time, run.last_log_step = now, run.step
     run.logger.log(metrics, step=run.step)
     shown = {k.split("/")[-1]: metrics[k] for k in ("train/lm_loss", "train/exact_accuracy", "perf/samples_per_s")
@@ -259,6 +284,16 @@ def check_finite(run: Run) -> None:
     if run.bad_step is not None and int(run.bad_step) >= 0:
         raise TrainError(f"non-finite loss at step {int(run.bad_step)} (set nonfinite_loss=skip to skip such steps, "
                          f"or lower lr); the last checkpoint in {run.run_dir} is intact")
+
+
+def weights_finite(module: torch.nn.Module) -> bool:
+    """One fused check of every floating tensor that a checkpoint stores (the puzzle table is a buffer):
+    the max-abs norm is finite exactly when no element is NaN or inf, and cannot overflow."""
+    tensors = [t for t in module.state_dict().values() if t.is_floating_point()]
+    if not tensors:
+        return True
+    norms = torch._foreach_norm(tensors, ord=float("inf"))
+    return bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
 
 
 def run_eval(run: Run) -> None:
@@ -303,6 +338,9 @@ def save_now(run: Run, name: Optional[str] = None, eval_outputs: Optional[dict] 
     """Checkpoint `step_N` (or `best`); every rank contributes its carry and RNG states, rank 0 writes."""
     info = run.info
     check_finite(run)  # never write weights that already saw a non-finite update
+    if not weights_finite(run.head):
+        raise TrainError(f"the weights are non-finite at step {run.step} (an update overflowed: lower lr or set "
+                         f"grad_clip); not checkpointed; the last checkpoint in {run.run_dir} is intact")
     state = {
         "format": 1,
         "step": run.step,
@@ -365,7 +403,7 @@ def restore(run: Run, path, weights_only: bool) -> None:
                                    f"({str(e).splitlines()[0]})") from None
     run.best_value = state.get("best_value")
     run.evals_without_improvement = int(state.get("evals_without_improvement", 0))
-    run.skipped_steps = int(state.get("skipped_steps", 0))
+    run.skipped_steps = run.reported_skips = int(state.get("skipped_steps", 0))
     ranks = state.get("ranks", [])
     if int(state.get("world_size", 1)) == info.world_size and len(ranks) == info.world_size:
         mine = ranks[info.rank]
@@ -378,6 +416,74 @@ def restore(run: Run, path, weights_only: bool) -> None:
     elif info.is_main:
         print(f"warning: checkpoint was written by {state.get('world_size')} ranks, now {info.world_size}: "
               f"ACT carries and RNG streams restart (resume is not bit-exact)", file=sys.stderr)
+
+
+# Keys whose change a resume cannot honour: key -> why.
+RESUME_FIXED = {
+    "data_path": "the saved data position and puzzle table belong to the old dataset",
+    "seed": "the data order and RNG streams continue from the checkpoint",
+    "global_batch_size": "the data position and ACT carries are per batch",
+    "grad_accum_steps": "the ACT carries are per micro-batch",
+    "optimizer.name": "the optimizer state belongs to the old optimizer",
+    "lr_scheduler.name": "the schedule state belongs to the old scheduler",
+}
+# Keys that only name or locate the run, or only matter for a fresh start: never reported.
+RESUME_IGNORED = ("project_name", "run_name", "checkpoint_path", "experiment", "init_from", "reset_progress")
+# Keys that shape the LR schedule: re-planned on resume for the default schedule only.
+SCHEDULE_KEYS = ("lr", "puzzle_emb_lr", "lr_warmup_steps", "lr_min_ratio", "epochs", "lr_scheduler.kwargs")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and not key.endswith("kwargs"):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def apply_resume_changes(run: Run, step_dir: Path, config_dict: dict) -> list[str]:
+    """Compare the config in force with the checkpoint's: refuse what cannot change on resume (ConfigError),
+    re-apply the optimizer/schedule values that the restored state just overwrote, and return one line per
+    changed key. (Arch shape changes were already refused while loading the weights.)"""
+    from omegaconf import OmegaConf
+    try:
+        old = _flat(OmegaConf.to_container(OmegaConf.load(Path(step_dir) / ckpt.CONFIG_FILE), resolve=True))
+    except Exception:  # an original-format or damaged config: nothing to compare against
+        return []
+    new = _flat(config_dict)
+    changed = {k: (old[k], new[k]) for k in new if k in old and old[k] != new[k] and k not in RESUME_IGNORED}
+    cfg = run.cfg
+    for key, (a, b) in changed.items():
+        why = RESUME_FIXED.get(key)
+        if why is None and key in SCHEDULE_KEYS and cfg.lr_scheduler.name != "cosine_warmup":
+            why = f"lr_scheduler '{cfg.lr_scheduler.name}' cannot be re-planned mid-run"
+        if why is not None:
+            raise ConfigError(f"cannot resume {step_dir} with {key} changed ({a!r} -> {b!r}): {why}; restore the old "
+                              f"value, or start a new checkpoint_path (init_from={step_dir} keeps the weights)")
+    dense, sparse = run.optimizers[-1], (run.optimizers[0] if len(run.optimizers) > 1 else None)
+    for group in dense.param_groups:  # the restored optimizer state carried the old hyperparameters
+        if "betas" in group and ("beta1" in changed or "beta2" in changed):
+            group["betas"] = (cfg.beta1, cfg.beta2)
+        if "weight_decay" in changed and "weight_decay" in group:
+            group["weight_decay"] = cfg.weight_decay
+        for k, v in cfg.optimizer.kwargs.items():
+            if "optimizer.kwargs" in changed and k in group:
+                group[k] = v
+    if sparse is not None and "puzzle_emb_weight_decay" in changed:
+        for group in sparse.param_groups:
+            group["weight_decay"] = cfg.puzzle_emb_weight_decay
+    if any(k in changed for k in SCHEDULE_KEYS):
+        bases = ([cfg.puzzle_emb_lr] if sparse is not None else []) + [cfg.lr]
+        for sched, base in zip(run.schedulers, bases):  # LambdaLR: fresh lambda (new warmup/total), new base
+            sched.base_lrs = [base] * len(sched.optimizer.param_groups)
+            for group, lam in zip(sched.optimizer.param_groups, sched.lr_lambdas):
+                group["initial_lr"] = base
+                group["lr"] = base * lam(sched.last_epoch)
+            sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
+    return [f"resume: {key} changed {a!r} -> {b!r}, in force from step {run.step + 1}" for key, (a, b) in changed.items()]
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -397,8 +503,9 @@ def detect_peak_flops(device: torch.device) -> Optional[float]:
 # set-up
 
 
-def setup_run(cfg: PretrainConfig, info: DistInfo, group: Optional[str]) -> Run:
-    """Everything before the first step, with every user error raised before any training work."""
+def setup_run(cfg: PretrainConfig, info: DistInfo, group: Optional[str], held: Optional[list] = None) -> Run:
+    """Everything before the first step, with every user error raised before any training work. The run dir
+    lock taken here is appended to `held` at once, so that the caller releases it if set-up fails."""
     world, accum = info.world_size, cfg.grad_accum_steps
     if cfg.global_batch_size % (world * accum):
         raise ConfigError(f"global_batch_size {cfg.global_batch_size} must be divisible by world_size {world} "
@@ -429,11 +536,15 @@ def setup_run(cfg: PretrainConfig, info: DistInfo, group: Optional[str]) -> Run:
     model_name = type(inner_model(head)).__name__
     project, run_name, run_dir = broadcast_object(default_names(cfg, model_name) if info.is_main else None, info)
     cfg = dataclasses.replace(cfg, project_name=project, run_name=run_name, checkpoint_path=run_dir)
-    error = None
+    error, lock = None, None
     if info.is_main:
         try:
+            lock = ckpt.RunDirLock(run_dir).acquire()  # before the clean-up: it deletes temp dirs
+            if held is not None:
+                held.append(lock)
             ckpt.check_writable(run_dir)
-            ckpt.remove_stale_temps(run_dir)
+            for path in ckpt.remove_stale_temps(run_dir):
+                print(f"recovered {path}: a kill had interrupted its replacement", flush=True)
         except ckpt.CheckpointError as e:
             error = str(e)
     error = broadcast_object(error, info)
@@ -461,7 +572,7 @@ def setup_run(cfg: PretrainConfig, info: DistInfo, group: Optional[str]) -> Run:
               eval_loader=make_loader(eval_ds, num_workers=cfg.loader_workers),
               optimizers=optimizers, schedulers=schedulers, sparse_accum=sparse_accum, logger=None, run_dir=run_dir,
               total_steps=total_steps, stop_step=min(total_steps, cfg.max_steps or total_steps), micro_batches=accum,
-              flops_per_step=flops, exploration_gen=exploration_gen, config_yaml=config_yaml)
+              flops_per_step=flops, exploration_gen=exploration_gen, config_yaml=config_yaml, lock=lock)
     run.bad_step = torch.full((), -1, dtype=torch.long, device=info.device)
 
     latest = ckpt.latest_checkpoint(run_dir)
@@ -469,6 +580,10 @@ def setup_run(cfg: PretrainConfig, info: DistInfo, group: Optional[str]) -> Run:
     if latest is not None:
         restore(run, latest, weights_only=cfg.reset_progress)
         resume_step = run.step
+        if not cfg.reset_progress:
+            for line in apply_resume_changes(run, latest, config_dict):
+                if info.is_main:
+                    print(line, flush=True)
         if cfg.reset_progress and info.is_main:
             ckpt.archive_run(run_dir, "before_reset")  # so the next auto-resume finds the new progress
         barrier(info)
@@ -535,15 +650,18 @@ def launch(dict_cfg) -> dict:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
     raw = OmegaConf.to_container(dict_cfg, resolve=True)
-    group = None
+    group, job = None, None
     try:
         hc = HydraConfig.get()
         if hc.mode is not None and hc.mode.name == "MULTIRUN":
             group = "sweep-" + os.path.basename(os.path.normpath(hc.sweep.dir))
+            job = hc.job.num
     except ValueError:
         pass
     try:
         cfg = build_config(raw)
+        if job is not None:
+            cfg = per_job_run_dir(cfg, job)
         group = cfg.wandb_group or group
         return train(cfg, group=group)
     except user_errors() as e:
@@ -554,6 +672,17 @@ def launch(dict_cfg) -> dict:
         sys.exit(130)
     finally:
         shutdown_distributed()
+
+
+def per_job_run_dir(cfg: PretrainConfig, job: int) -> PretrainConfig:
+    """A --multirun job with a fixed run_name/checkpoint_path gets its own dir (`-job<N>` suffix): the jobs
+    would otherwise all share one dir, and job 2 would "resume" job 1 and do nothing."""
+    changes = {}
+    if cfg.run_name is not None:
+        changes["run_name"] = f"{cfg.run_name}-job{job}"
+    if cfg.checkpoint_path is not None:
+        changes["checkpoint_path"] = f"{os.path.normpath(cfg.checkpoint_path)}-job{job}"
+    return dataclasses.replace(cfg, **changes)
 
 
 def main() -> None:

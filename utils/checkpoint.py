@@ -485,3 +485,70 @@ def archive_run(run_dir: str | os.PathLike, name: str) -> Path:
             os.replace(p, staging / p.name)
     os.replace(staging, target)
     return target
+
+
+# ------------------------------------------------------------------------------------------------
+# One live run per run dir
+
+LOCK_FILE = ".lock"
+
+
+class RunDirLock:
+    """An exclusive flock on `<run_dir>/.lock` while a run uses the dir. The kernel drops it when its process
+    dies, so a dead holder never blocks a restart (its stale file is simply taken over); the file's text
+    (pid, host, start time) only names the holder in the refusal."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_FILE
+        self.fd: int | None = None
+        self.created: list[Path] = []  # dirs this run created (leaf first), removed again after a failed start
+
+    def acquire(self) -> "RunDirLock":
+        import fcntl
+        import socket
+        import time
+        self.created = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            while True:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
+                    os.close(fd)
+                    self.created = []
+                    raise CheckpointError(f"run dir '{self.run_dir}' is in use by another run ({holder}); wait for "
+                                          f"it to end or choose another run_name/checkpoint_path") from None
+                try:  # the previous holder may have unlinked the file between our open and flock
+                    same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    break
+                os.close(fd)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
+                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        except OSError as e:
+            self.release(failed=True)
+            raise CheckpointError(f"checkpoint dir '{self.run_dir}' is not writable ({e.strerror or e})") from None
+        self.fd = fd
+        return self
+
+    def release(self, failed: bool = False) -> None:
+        """Drop the lock; after a failed start also remove the run dir if this run created it and left it empty."""
+        if self.fd is not None:
+            try:
+                self.path.unlink()
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+        for path in self.created if failed else []:
+            try:
+                path.rmdir()  # only if empty
+            except OSError:
+                break
+        self.created = []

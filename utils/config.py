@@ -84,6 +84,7 @@ class PretrainConfig:
     wandb_group: Optional[str] = None       # default: one group per multirun sweep
     max_steps: Optional[int] = None         # stop (with a checkpoint) after this many steps
     nonfinite_loss: str = "stop"            # stop | skip
+    nonfinite_max_skips: int = 20           # skip mode: stop after this many consecutive skipped steps
     peak_flops: Optional[float] = None      # per device, for MFU; None = auto for known GPUs
     loader_workers: int = 1                 # 0 = in-process data loading
     experiment: Optional[str] = None        # set by the Hydra `experiment=` group (informational)
@@ -95,6 +96,39 @@ CHOICES = {
     "logger": ("wandb", "jsonl", "none"),
     "nonfinite_loss": ("stop", "skip"),
 }
+
+# Allowed ranges of the numeric keys: key -> (low, high, high excluded). Null stays allowed where the schema
+# says Optional; floats must be finite too (lr=nan passed before and trained NaN weights).
+BOUNDS = {
+    "global_batch_size": (1, None, False), "epochs": (1, None, False), "grad_accum_steps": (1, None, False),
+    "log_every": (1, None, False), "eval_interval": (1, None, False), "checkpoint_interval_steps": (1, None, False),
+    "max_steps": (1, None, False), "max_eval_batches": (1, None, False), "eval_batch_size": (1, None, False),
+    "nonfinite_max_skips": (1, None, False), "checkpoint_limit": (0, None, False),
+    "lr_warmup_steps": (0, None, False), "eval_patience": (0, None, False),
+    "eval_patience_grace_steps": (0, None, False), "loader_workers": (0, None, False),
+    "lr": (0.0, None, False), "puzzle_emb_lr": (0.0, None, False), "weight_decay": (0.0, None, False),
+    "puzzle_emb_weight_decay": (0.0, None, False), "grad_clip": (0.0, None, False),
+    "lr_min_ratio": (0.0, 1.0, False), "beta1": (0.0, 1.0, True), "beta2": (0.0, 1.0, True),
+    "peak_flops": (1.0, None, False),
+}
+
+
+def check_bounds(cfg) -> None:
+    """Every numeric key finite and inside BOUNDS, else one ConfigError naming the key and the range."""
+    import math
+    for key, (low, high, high_open) in BOUNDS.items():
+        value = getattr(cfg, key)
+        if value is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key '{key}' must be a finite number; got {value}")
+        if high is None:
+            ok, wanted = value >= low, f">= {low}"
+        else:
+            ok = low <= value < high if high_open else low <= value <= high
+            wanted = f"in [{low}, {high}{')' if high_open else ']'}"
+        if not ok:
+            raise ConfigError(f"config key '{key}' must be {wanted}; got {value}")
 
 
 def build_config(raw: dict) -> PretrainConfig:
@@ -129,11 +163,7 @@ def build_config(raw: dict) -> PretrainConfig:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}; got {getattr(cfg, key)!r}")
     if cfg.save_best.mode not in ("max", "min"):
         raise ConfigError(f"config key 'save_best.mode' must be max or min; got {cfg.save_best.mode!r}")
-    for key in ("global_batch_size", "epochs", "grad_accum_steps", "log_every"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"config key '{key}' must be >= 1; got {getattr(cfg, key)}")
-    if cfg.eval_interval is not None and cfg.eval_interval < 1:
-        raise ConfigError(f"config key 'eval_interval' must be >= 1 or null; got {cfg.eval_interval}")
+    check_bounds(cfg)
     validate_arch(cfg.arch)
     return cfg
 

@@ -62,7 +62,10 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], name: str, lr: float, 
             hint = closest_key(key, [k for k in accepted if k not in ("self", "params")])
             raise ConfigError(f"unknown config key 'optimizer.kwargs.{key}' for optimizer '{name}'"
                               + (f" did you mean '{hint}'?" if hint else ""))
-    return cls(params, **base)
+    try:
+        return cls(params, **base)
+    except (ValueError, TypeError) as e:  # the optimizer's own range checks (eps < 0, ...)
+        raise ConfigError(f"optimizer '{name}' rejected its settings {_shown(base)}: {_first_line(e)}") from None
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, name: str, kwargs: dict[str, Any] | None, *,
@@ -94,8 +97,17 @@ def build_scheduler(optimizer: torch.optim.Optimizer, name: str, kwargs: dict[st
             kwargs[key] = value
     try:
         return cls(optimizer, **kwargs)
-    except TypeError as e:
-        raise ConfigError(f"lr_scheduler '{name}' rejected kwargs {sorted(kwargs)}: {e}") from None
+    except (TypeError, ValueError) as e:  # e.g. warmup_steps >= the cycle length
+        raise ConfigError(f"lr_scheduler '{name}' (lr_scheduler.kwargs, lr_warmup_steps, epochs) rejected "
+                          f"{_shown(kwargs)}: {_first_line(e)}") from None
+
+
+def _shown(kwargs: dict) -> str:
+    return "{" + ", ".join(f"{k}={v}" for k, v in sorted(kwargs.items())) + "}"
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def current_lr(optimizer: torch.optim.Optimizer) -> float:
