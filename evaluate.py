@@ -4,7 +4,9 @@
     python evaluate.py checkpoint=path/to/original/step_26040 data_path=data/sudoku-extreme-1k-aug-1000
     torchrun --nproc-per-node 8 evaluate.py checkpoint=...
 
-Accepts our step dirs and the original's `step_N` files (with `all_config.yaml` beside them). Writes to
+Accepts our step dirs and the original's `step_N` files (with `all_config.yaml` beside them). A step dir
+with `ema.safetensors` (a run with ema=true) is evaluated with its EMA weights, as training evaluated it;
+`ema=false` evaluates the live training weights instead. Writes to
 `output_dir` (default: the step dir, or `<file>_eval/` for an original checkpoint):
   predictions.npz  inputs, labels, puzzle_identifiers, preds (argmax tokens), q_halt_logits; real rows only
   metrics.json     the flat eval/... metrics (+ arc/pass@1, pass@2, pass@10 for ARC datasets)
@@ -22,14 +24,15 @@ import numpy as np
 
 from dataset.context import EXAMPLE_NAMES, is_context_dataset
 
-from utils.checkpoint import CheckpointError, load_model_from_checkpoint, resolve_checkpoint, write_json_atomic
+from utils.checkpoint import CheckpointError, ema_file, load_model_from_checkpoint, resolve_checkpoint, write_json_atomic
 from utils.data import data_errors, dataset_kind, make_dataset, make_loader, validate_dataset
 from utils.distributed import init_distributed, shutdown_distributed
 from utils.evaluation import evaluate, output_row_order
 from utils.schema import ConfigError
 
 SAVE_KEYS = ["inputs", "labels", "puzzle_identifiers", "preds", "q_halt_logits"]
-OPTIONS = ("checkpoint", "data_path", "output_dir", "eval_batch_size", "max_eval_batches", "device", "split", "arc")
+OPTIONS = ("checkpoint", "data_path", "output_dir", "eval_batch_size", "max_eval_batches", "device", "split", "arc",
+           "ema")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -45,6 +48,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="auto | cpu | cuda (default auto)")
     parser.add_argument("--split", default=None, help="dataset split (default test)")
     parser.add_argument("--arc", default=None, help="auto | true | false: ARC voting and pass@K (default auto)")
+    parser.add_argument("--ema", default=None, help="auto | true | false: the checkpoint's EMA weights (default auto: "
+                                                    "when it has them)")
     args = parser.parse_args(argv)
     from utils.schema import unknown_key_message
     for word in args.overrides:
@@ -63,9 +68,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         raise ConfigError("checkpoint=<step dir or original step_N file> is required")
     args.device = args.device or "auto"
     args.split = args.split or "test"
-    args.arc = (args.arc or "auto").lower()
-    if args.arc not in ("auto", "true", "false"):
-        raise ConfigError(f"'arc' must be auto, true or false; got {args.arc!r}")
+    for key in ("arc", "ema"):
+        value = (getattr(args, key) or "auto").lower()
+        if value not in ("auto", "true", "false"):
+            raise ConfigError(f"'{key}' must be auto, true or false; got {value!r}")
+        setattr(args, key, value)
     return args
 
 
@@ -80,7 +87,12 @@ def is_arc_dataset(data_path: str) -> bool:
 def run(args: argparse.Namespace) -> dict:
     info = init_distributed(args.device)
     t0 = time.time()
-    cfg, head = load_model_from_checkpoint(args.checkpoint, device=info.device, data_path=args.data_path)
+    has_ema = ema_file(args.checkpoint) is not None
+    if args.ema == "true" and not has_ema:
+        raise CheckpointError(f"checkpoint '{args.checkpoint}' has no EMA weights (ema.safetensors; trained with "
+                              f"ema=false?); drop ema=true to evaluate its weights")
+    use_ema = has_ema and args.ema != "false"
+    cfg, head = load_model_from_checkpoint(args.checkpoint, device=info.device, data_path=args.data_path, ema=use_ema)
     data_path = cfg.data_path
     validate_dataset(data_path)
     gbs = args.eval_batch_size or cfg.eval_batch_size or cfg.global_batch_size
@@ -124,7 +136,8 @@ def run(args: argparse.Namespace) -> dict:
     metrics["eval/num_examples"] = float(len(outputs["preds"])) if outputs else float("nan")
     write_json_atomic(out_dir / "metrics.json", metrics)
     shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.endswith(("accuracy", "pass@1", "pass@2", "ppl")))
-    print(f"evaluated {args.checkpoint} on {data_path}/{args.split}: {shown} ({time.time() - t0:.1f} s); "
+    print(f"evaluated {args.checkpoint} ({'EMA' if use_ema else 'live'} weights) on {data_path}/{args.split}: "
+          f"{shown} ({time.time() - t0:.1f} s); "
           f"wrote {out_dir}/metrics.json", flush=True)
     return metrics
 

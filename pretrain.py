@@ -12,6 +12,7 @@ resume from full-state checkpoints, gradient accumulation, clipping, other optim
 plus JSONL metrics under flat keys, throughput/MFU, early stopping, best-model tracking."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import resource
@@ -28,6 +29,7 @@ from utils.config import INJECTED_ARCH_KEYS, PretrainConfig, build_config, defau
 from utils.data import batches_per_epoch, data_errors, make_dataset, make_loader, validate_dataset
 from utils.distributed import (DistInfo, all_gather_object, all_reduce_grads, barrier, broadcast_module_state,
                                broadcast_object, init_distributed, shutdown_distributed)
+from utils.ema import WeightEMA
 from utils.evaluation import MetricAccumulator, evaluate, reduce_metrics
 from utils.logger import MetricLogger
 from utils.modeling import (autocast_context, build_head, derive_seed, inner_model, prepare_for_training,
@@ -65,6 +67,7 @@ class Run:
     flops_per_step: float
     exploration_gen: Optional[torch.Generator]
     config_yaml: str
+    ema: Optional[WeightEMA] = None       # shadow weights (cfg.ema); evals and best/ use them
     step: int = 0
     carries: list = field(default_factory=list)
     pending_carries: Optional[list] = None  # restored carry tensors, applied at the first batch
@@ -188,6 +191,8 @@ def train_step(run: Run, batch: dict[str, torch.Tensor]) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
+    if run.ema is not None:
+        run.ema.update()
     if run.bar is not None:
         run.bar.update(1)
 
@@ -297,11 +302,13 @@ def weights_finite(module: torch.nn.Module) -> bool:
 
 
 def run_eval(run: Run) -> None:
+    """Evaluate (the EMA weights when cfg.ema), log, checkpoint, track the best model, early-stop."""
     cfg, info = run.cfg, run.info
-    metrics, outputs = evaluate(run.head, run.eval_loader, info, device=info.device,
-                                mixed_precision=cfg.mixed_precision, max_batches=cfg.max_eval_batches,
-                                save_keys=cfg.eval_save_outputs, global_batch_size=cfg.eval_batch_size or cfg.global_batch_size,
-                                progress=True)
+    with run.ema.applied() if run.ema is not None else contextlib.nullcontext():
+        metrics, outputs = evaluate(run.head, run.eval_loader, info, device=info.device,
+                                    mixed_precision=cfg.mixed_precision, max_batches=cfg.max_eval_batches,
+                                    save_keys=cfg.eval_save_outputs,
+                                    global_batch_size=cfg.eval_batch_size or cfg.global_batch_size, progress=True)
     run.logger.log(metrics, step=run.step)
     if info.is_main:
         print(f"eval at step {run.step}: " + " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())
@@ -369,7 +376,8 @@ def save_now(run: Run, name: Optional[str] = None, eval_outputs: Optional[dict] 
         if name == "best":
             extra["best.json"] = f'{{"metric": "{run.cfg.save_best.metric}", "value": {run.best_value}, "step": {run.step}}}\n'
         arrays = {"eval_outputs.npz": eval_outputs} if eval_outputs else None
-        ckpt.save_checkpoint(run.run_dir, name, run.head.state_dict(), state, run.config_yaml, extra, arrays)
+        ckpt.save_checkpoint(run.run_dir, name, run.head.state_dict(), state, run.config_yaml, extra, arrays,
+                             ema_weights=run.ema.state_dict() if run.ema is not None else None)
         if name.startswith("step_"):
             ckpt.rotate_checkpoints(run.run_dir, run.cfg.checkpoint_limit)
     if name is None or name.startswith("step_"):
@@ -384,9 +392,10 @@ def scheduler_state(sched) -> dict:
 
 
 def restore(run: Run, path, weights_only: bool) -> None:
-    """Resume from a step dir: weights always; with weights_only=False also everything else."""
+    """Resume from a step dir: with weights_only=False everything (live weights, EMA, optimizers, data,
+    carries, RNGs); with weights_only=True only the checkpoint's model (its EMA weights when it has them)."""
     info = run.info
-    ckpt.apply_weights(run.head, ckpt.load_weights(path), str(path))
+    ckpt.apply_weights(run.head, ckpt.load_weights(path, ema=weights_only), str(path))
     if weights_only:
         return
     state = ckpt.load_train_state(path)
@@ -484,6 +493,19 @@ def apply_resume_changes(run: Run, step_dir: Path, config_dict: dict) -> list[st
                 group["lr"] = base * lam(sched.last_epoch)
             sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
     return [f"resume: {key} changed {a!r} -> {b!r}, in force from step {run.step + 1}" for key, (a, b) in changed.items()]
+
+
+def restore_ema(run: Run, path) -> None:
+    shadow = ckpt.load_ema(path)
+    if shadow is None:
+        if run.info.is_main:
+            print(f"note: checkpoint '{path}' has no EMA weights (written with ema=false); the EMA starts "
+                  f"from the resumed weights", file=sys.stderr, flush=True)
+        return
+    try:
+        run.ema.load_state_dict(shadow, str(path))
+    except ValueError as e:
+        raise ckpt.CheckpointError(str(e)) from None
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -591,10 +613,17 @@ def setup_run(cfg: PretrainConfig, info: DistInfo, group: Optional[str], held: O
             what = "weights only (reset_progress)" if cfg.reset_progress else f"step {run.step}"
             print(f"resuming from {latest}: {what}", flush=True)
     elif cfg.init_from:
-        notes = ckpt.apply_weights(head, ckpt.load_weights(cfg.init_from), cfg.init_from, resize_puzzle_emb=True)
+        notes = ckpt.apply_weights(head, ckpt.load_weights(cfg.init_from, ema=True), cfg.init_from,
+                                   resize_puzzle_emb=True)
+        if ckpt.ema_file(cfg.init_from) is not None:
+            notes.insert(0, "its EMA weights")
         if info.is_main:
             print(f"initialised weights from {cfg.init_from}" + (f" ({'; '.join(notes)})" if notes else ""), flush=True)
     broadcast_module_state(head, info)
+    if cfg.ema:  # the shadow starts from the initial (or loaded) weights; a full resume restores it
+        run.ema = WeightEMA(head, cfg.ema_rate)
+        if latest is not None and not cfg.reset_progress:
+            restore_ema(run, latest)
 
     run.logger = MetricLogger(cfg.logger, run_dir, project=project, run_name=run_name, config=config_dict,
                               group=group, is_main=info.is_main, resume_step=resume_step if not cfg.reset_progress else None)

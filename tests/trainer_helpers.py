@@ -60,6 +60,6 @@ def run_cli(args: list[str], env: dict | None = None, timeout: int = 300, cwd: P
     return subprocess.run([PY, *args], cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
-def load_step_weights(step_dir: Path) -> dict[str, torch.Tensor]:
+def load_step_weights(step_dir: Path, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
-    return load_file(str(step_dir / "model.safetensors"))
+    return load_file(str(step_dir / name))

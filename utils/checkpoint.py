@@ -29,6 +29,7 @@ import torch
 
 STEP_RE = re.compile(r"^step_(\d+)$")
 WEIGHTS_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
 STATE_FILE = "train_state.pt"
 CONFIG_FILE = "config.yaml"
 
@@ -181,9 +182,11 @@ def _write_error(e: BaseException, final: Path, run_dir: Path) -> CheckpointErro
 
 def save_checkpoint(run_dir: str | os.PathLike, name: str, weights: dict[str, torch.Tensor],
                     train_state: dict | None, config_yaml: str, extra_files: dict[str, str] | None = None,
-                    extra_arrays: dict[str, dict] | None = None) -> Path:
+                    extra_arrays: dict[str, dict] | None = None,
+                    ema_weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `<run_dir>/<name>/` atomically and return its path. `extra_arrays`: {file name: {key: numpy
-    array}} written with np.savez_compressed inside the same atomic write (eval outputs)."""
+    array}} written with np.savez_compressed inside the same atomic write (eval outputs). `ema_weights`:
+    the EMA shadow, written as ema.safetensors."""
     from safetensors.torch import save_file
 
     run_dir = Path(run_dir)
@@ -194,9 +197,11 @@ def save_checkpoint(run_dir: str | os.PathLike, name: str, weights: dict[str, to
         _rmtree(tmp)
     tmp.mkdir()
     try:
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        os.chmod(tmp / WEIGHTS_FILE, 0o666 & ~_umask())  # safetensors creates it 0600; match the other files
+        for fname, state in ((WEIGHTS_FILE, weights), (EMA_FILE, ema_weights)):
+            if state is not None:
+                save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(tmp / fname),
+                          metadata={"format": "pt"})
+                os.chmod(tmp / fname, 0o666 & ~_umask())  # safetensors creates it 0600; match the other files
         if train_state is not None:
             torch.save(train_state, tmp / STATE_FILE)
         (tmp / CONFIG_FILE).write_text(config_yaml)
@@ -281,16 +286,40 @@ def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, str]:
     raise CheckpointError(f"checkpoint '{path}' does not exist")
 
 
-def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Weights of our checkpoints or the original's `step_N` file (a torch.save'd state_dict)."""
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint '{path}' is not a valid safetensors file ({e})") from None
+
+
+def ema_file(path: str | os.PathLike) -> Path | None:
+    """The `ema.safetensors` of the checkpoint `path` points at, or None (no EMA; the original's files)."""
+    weights_file, kind = resolve_checkpoint(path)
+    candidate = weights_file.parent / EMA_FILE
+    return candidate if kind == "ours" and candidate.is_file() else None
+
+
+def load_ema(path: str | os.PathLike) -> dict[str, torch.Tensor] | None:
+    found = ema_file(path)
+    return None if found is None else _load_safetensors(found)
+
+
+def load_weights(path: str | os.PathLike, ema: bool = False) -> dict[str, torch.Tensor]:
+    """Weights of our checkpoints or the original's `step_N` file (a torch.save'd state_dict). With `ema`,
+    the checkpoint's EMA parameters (if it has them) replace the live ones: the model to evaluate or start from."""
     weights_file, kind = resolve_checkpoint(path)
     if kind == "ours":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        try:
-            return load_file(str(weights_file))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"checkpoint '{weights_file}' is not a valid safetensors file ({e})") from None
+        weights = _load_safetensors(weights_file)
+        shadow = load_ema(weights_file) if ema else None
+        for key, value in (shadow or {}).items():
+            if key not in weights or weights[key].shape != value.shape:
+                raise CheckpointError(f"checkpoint '{weights_file.parent}': {EMA_FILE} key '{key}' "
+                                      f"does not match {WEIGHTS_FILE} (shape {list(value.shape)})")
+            weights[key] = value
+        return weights
     state = safe_torch_load(weights_file)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"checkpoint '{weights_file}' is not a state_dict of tensors")
@@ -441,11 +470,12 @@ def _injected_from_original(raw: dict, weights: dict[str, torch.Tensor], data_pa
 
 
 def load_model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
-                               data_path: str | None = None):
+                               data_path: str | None = None, ema: bool = True):
     """-> (PretrainConfig, loss head in eval mode on `device`).
 
     `path`: one of our `step_N` dirs (or a run dir: its newest step), our `model.safetensors`, or the
-    original's `step_N` file with `all_config.yaml` beside it."""
+    original's `step_N` file with `all_config.yaml` beside it. `ema`: use the EMA weights when the
+    checkpoint has them (False: the live training weights)."""
     from omegaconf import OmegaConf
 
     from utils.config import build_config
@@ -461,7 +491,7 @@ def load_model_from_checkpoint(path: str | os.PathLike, device: str | torch.devi
         raise CheckpointError(f"{cfg_file}: not a readable config ({str(e).splitlines()[0]})") from None
     if data_path is not None:
         raw["data_path"] = data_path
-    weights = load_weights(weights_file)
+    weights = load_weights(weights_file, ema=ema)
     injected = {} if kind == "ours" else _injected_from_original(raw, weights, data_path)
     cfg = build_config(raw)
     head = build_head(cfg.arch, injected, seed=cfg.seed)

@@ -66,6 +66,8 @@ class PretrainConfig:
     lr_scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     grad_accum_steps: int = 1
     grad_clip: float = 0.0                  # max L2 norm of dense grads; 0 = off
+    ema: bool = False                       # EMA of the weights, used by evals, best/, evaluate.py (utils/ema.py)
+    ema_rate: float = 0.999                 # in [0, 1): shadow = (1 - rate) * param + rate * shadow per step
     mixed_precision: str = "none"           # none | bf16 (torch.autocast around the forward)
     compile: bool = False
     device: str = "auto"                    # auto | cpu | cuda
@@ -109,7 +111,7 @@ BOUNDS = {
     "lr": (0.0, None, False), "puzzle_emb_lr": (0.0, None, False), "weight_decay": (0.0, None, False),
     "puzzle_emb_weight_decay": (0.0, None, False), "grad_clip": (0.0, None, False),
     "lr_min_ratio": (0.0, 1.0, False), "beta1": (0.0, 1.0, True), "beta2": (0.0, 1.0, True),
-    "peak_flops": (1.0, None, False),
+    "peak_flops": (1.0, None, False), "ema_rate": (0.0, 1.0, True),
 }
 
 
