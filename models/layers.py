@@ -303,10 +303,13 @@ class PostNormBlock(nn.Module):
         self.mlp = SwiGLU(hidden_size, expansion, generator=generator)
         self.norm_eps = norm_eps
 
-    def forward(self, hidden_states: torch.Tensor, cos_sin: Optional[CosSin] = None) -> torch.Tensor:
+    def mix_tokens(self, hidden_states: torch.Tensor, cos_sin: Optional[CosSin] = None) -> torch.Tensor:
+        """The first half of the block: h = rms(h + mixer(h)) over [B, S, D]."""
         if self.use_mlp_t:  # cos_sin is unused: positions are baked into the mlp_t weights
-            h = hidden_states.transpose(1, 2)  # [B, D, L]
-            hidden_states = rms_norm(h + self.mlp_t(h), self.norm_eps).transpose(1, 2)
-        else:
-            hidden_states = rms_norm(hidden_states + self.self_attn(hidden_states, cos_sin=cos_sin), self.norm_eps)
+            h = hidden_states.transpose(1, 2)  # [B, D, S]
+            return rms_norm(h + self.mlp_t(h), self.norm_eps).transpose(1, 2)
+        return rms_norm(hidden_states + self.self_attn(hidden_states, cos_sin=cos_sin), self.norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor, cos_sin: Optional[CosSin] = None) -> torch.Tensor:
+        hidden_states = self.mix_tokens(hidden_states, cos_sin)
         return rms_norm(hidden_states + self.mlp(hidden_states), self.norm_eps)

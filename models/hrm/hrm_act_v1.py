@@ -11,48 +11,25 @@ Everything (keys, init order, state-dict names, numerics) follows the original s
 checkpoints load strictly; see docs for the few deliberate additions (gating, attention backend,
 explicit RNG for halting exploration).
 
-Randomness:
-- init draws from the torch generator passed as `generator=` to the constructor, else from the
-  global RNG (as the original, whose trainer seeds it);
-- halting exploration draws from `self.generator`; set it with `model.set_generator(gen)`, else a
-  generator seeded with 0 is created on the model's device at the first training step.
+Shared with TRM (models/act.py): config fields, carries, the input/output layer, the ACT wrapper
+(halting, exploration, Q targets) and randomness; the recursion is models/recursion.py.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.common import trunc_normal_init_
-from models.layers import (ATTN_BACKENDS, CastedEmbedding, CastedLinear, CosSin, PostNormBlock, RotaryEmbedding,
-                           swiglu_intermediate_size)
+from models.act import ACTCarry, ACTModel, InnerCarry, RecurrentPuzzleConfig, RecurrentPuzzleInner
+from models.layers import CastedLinear, CosSin, PostNormBlock
 from models.recursion import Hook, ReasoningModule, hrm_recursion
-from models.sparse_embedding import CastedSparseEmbedding
-from utils.schema import ConfigError, from_dict
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-
-
-# ----------------------------------------------------------------------------------------------
-# carries
-
-
-@dataclass
-class HierarchicalReasoningModel_ACTV1InnerCarry:
-    z_H: torch.Tensor  # [B, S, D] forward dtype
-    z_L: torch.Tensor  # [B, S, D]
-
-
-@dataclass
-class HierarchicalReasoningModel_ACTV1Carry:
-    inner_carry: HierarchicalReasoningModel_ACTV1InnerCarry
-    steps: torch.Tensor  # [B] int32, segments run on the current example
-    halted: torch.Tensor  # [B] bool, the row takes a new example at the next call
-    current_data: dict[str, torch.Tensor]
+# The original's carry names.
+HierarchicalReasoningModel_ACTV1InnerCarry = InnerCarry
+HierarchicalReasoningModel_ACTV1Carry = ACTCarry
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,68 +98,20 @@ class HierarchicalReasoningModel_ACTV1ReasoningModule(ReasoningModule):
 
 
 @dataclass
-class HierarchicalReasoningModel_ACTV1Config:
-    # injected by the trainer from the train split's metadata / world size
-    batch_size: int
-    seq_len: int
-    vocab_size: int
-    num_puzzle_identifiers: int = 1
-    puzzle_emb_ndim: int = 0
-
-    H_cycles: int = 2
-    L_cycles: int = 2
-    H_layers: int = 4
-    L_layers: int = 4
-
-    hidden_size: int = 512
-    expansion: float = 4.0
-    num_heads: int = 8
-    pos_encodings: str = "rope"  # "rope" | "learned"
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-
-    halt_max_steps: int = 16
-    halt_exploration_prob: float = 0.1
-
-    forward_dtype: str = "bfloat16"
-
-    # additions of this project
+class HierarchicalReasoningModel_ACTV1Config(RecurrentPuzzleConfig):
+    """The original's keys and defaults (models/act.py) plus this project's gating."""
     use_gating: bool = False
     gate_hidden_ratio: float = 0.25
     gate_init_bias: float = -2.2
-    attn_backend: str = "auto"  # "auto" | "flash" | "sdpa"
 
     def __post_init__(self):
-        def bad(key, expected):
-            raise ConfigError(f"config key 'arch.{key}' expects {expected}, got {getattr(self, key)!r}")
-
-        for key in ("batch_size", "seq_len", "vocab_size", "num_puzzle_identifiers", "H_cycles", "L_cycles",
-                    "H_layers", "L_layers", "hidden_size", "num_heads", "halt_max_steps"):
-            if getattr(self, key) < 1:
-                bad(key, "an integer >= 1")
-        if self.puzzle_emb_ndim < 0:
-            bad("puzzle_emb_ndim", "an integer >= 0")
-        if self.hidden_size % self.num_heads != 0:
-            raise ConfigError(f"config key 'arch.hidden_size' ({self.hidden_size}) must be divisible by "
-                              f"'arch.num_heads' ({self.num_heads})")
-        if self.pos_encodings not in ("rope", "learned"):
-            bad("pos_encodings", "'rope' or 'learned'")
-        if self.forward_dtype not in DTYPES:
-            bad("forward_dtype", "one of " + ", ".join(DTYPES))
-        if self.attn_backend not in ATTN_BACKENDS:
-            bad("attn_backend", "one of " + ", ".join(ATTN_BACKENDS))
-        if not 0.0 <= self.halt_exploration_prob <= 1.0:
-            bad("halt_exploration_prob", "a probability in [0, 1]")
+        super().__post_init__()
         if self.gate_hidden_ratio <= 0:
-            bad("gate_hidden_ratio", "a positive number")
+            self.bad("gate_hidden_ratio", "a positive number")
 
     @property
     def puzzle_emb_len(self) -> int:
-        return -(self.puzzle_emb_ndim // -self.hidden_size)  # ceil
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return DTYPES[self.forward_dtype]
+        return self.min_puzzle_emb_len
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,89 +144,32 @@ def _finish_stats(acc: dict) -> dict[str, torch.Tensor]:
     return out
 
 
-class HierarchicalReasoningModel_ACTV1_Inner(nn.Module):
+class HierarchicalReasoningModel_ACTV1_Inner(RecurrentPuzzleInner):
     def __init__(self, config: HierarchicalReasoningModel_ACTV1Config, generator: Optional[torch.Generator] = None):
         super().__init__()
-        self.config = config
-        self.forward_dtype = config.dtype
-        D = config.hidden_size
         # Module creation order = RNG consumption order of the original; do not reorder.
-        self.embed_scale = math.sqrt(D)
-        embed_init_std = 1.0 / self.embed_scale
-        self.embed_tokens = CastedEmbedding(config.vocab_size, D, init_std=embed_init_std,
-                                            cast_to=self.forward_dtype, generator=generator)
-        self.lm_head = CastedLinear(D, config.vocab_size, bias=False, generator=generator)
-        self.q_head = CastedLinear(D, 2, bias=True, generator=generator)
-
-        self.puzzle_emb_len = config.puzzle_emb_len
-        if config.puzzle_emb_ndim > 0:
-            # Zero init (std 0), as the original.
-            self.puzzle_emb = CastedSparseEmbedding(config.num_puzzle_identifiers, config.puzzle_emb_ndim,
-                                                    batch_size=config.batch_size, init_std=0,
-                                                    cast_to=self.forward_dtype)
-        S = config.seq_len + self.puzzle_emb_len
-        if config.pos_encodings == "rope":
-            self.rotary_emb = RotaryEmbedding(D // config.num_heads, max_position_embeddings=S,
-                                              base=config.rope_theta)
-        else:
-            self.embed_pos = CastedEmbedding(S, D, init_std=embed_init_std, cast_to=self.forward_dtype,
-                                             generator=generator)
-
+        self._build_io(config, config.puzzle_emb_len, generator)
         self.H_level = HierarchicalReasoningModel_ACTV1ReasoningModule(
             [HierarchicalReasoningModel_ACTV1Block(config, generator) for _ in range(config.H_layers)])
         self.L_level = HierarchicalReasoningModel_ACTV1ReasoningModule(
             [HierarchicalReasoningModel_ACTV1Block(config, generator) for _ in range(config.L_layers)])
-
-        # Fixed (untrained) initial states, persistent so checkpoints carry them.
-        self.register_buffer("H_init", trunc_normal_init_(torch.empty(D, dtype=self.forward_dtype), std=1,
-                                                          generator=generator), persistent=True)
-        self.register_buffer("L_init", trunc_normal_init_(torch.empty(D, dtype=self.forward_dtype), std=1,
-                                                          generator=generator), persistent=True)
-        # Q-head starts at "never halt" (both logits -5), which makes early halting a learned decision.
-        with torch.no_grad():
-            self.q_head.weight.zero_()
-            self.q_head.bias.fill_(-5)
+        self._build_init_states(generator)
 
         # Gates come after everything else so that enabling them leaves the other weights' init intact.
         if config.use_gating:
+            D = config.hidden_size
             self.L_level.gate = HRMGate(D, 3, config.gate_hidden_ratio, config.gate_init_bias, generator)
             self.H_level.gate = HRMGate(D, 2, config.gate_hidden_ratio, config.gate_init_bias, generator)
 
-    def _input_embeddings(self, inputs: torch.Tensor, puzzle_identifiers: torch.Tensor) -> torch.Tensor:
-        embedding = self.embed_tokens(inputs.to(torch.int32))  # [B, L, D]
-        if self.config.puzzle_emb_ndim > 0:
-            puzzle_embedding = self.puzzle_emb(puzzle_identifiers)  # [B, puzzle_emb_ndim]
-            pad_count = self.puzzle_emb_len * self.config.hidden_size - puzzle_embedding.shape[-1]
-            if pad_count > 0:
-                puzzle_embedding = F.pad(puzzle_embedding, (0, pad_count))
-            embedding = torch.cat((puzzle_embedding.view(-1, self.puzzle_emb_len, self.config.hidden_size),
-                                   embedding), dim=-2)  # [B, S, D]
-        if self.config.pos_encodings == "learned":
-            # 1/sqrt(2) keeps the variance of the sum equal to that of one term.
-            embedding = 0.707106781 * (embedding + self.embed_pos.embedding_weight.to(self.forward_dtype))
-        return self.embed_scale * embedding
-
-    def empty_carry(self, batch_size: int, device=None) -> HierarchicalReasoningModel_ACTV1InnerCarry:
-        # Zeros rather than torch.empty: identical results (every row is reset before use) but deterministic.
-        shape = (batch_size, self.config.seq_len + self.puzzle_emb_len, self.config.hidden_size)
-        return HierarchicalReasoningModel_ACTV1InnerCarry(
-            z_H=torch.zeros(shape, dtype=self.forward_dtype, device=device),
-            z_L=torch.zeros(shape, dtype=self.forward_dtype, device=device))
-
-    def reset_carry(self, reset_flag: torch.Tensor, carry: HierarchicalReasoningModel_ACTV1InnerCarry):
-        flag = reset_flag.view(-1, 1, 1)
-        return HierarchicalReasoningModel_ACTV1InnerCarry(z_H=torch.where(flag, self.H_init, carry.z_H),
-                                                          z_L=torch.where(flag, self.L_init, carry.z_L))
-
     def forward(self, carry: HierarchicalReasoningModel_ACTV1InnerCarry, batch: dict[str, torch.Tensor],
-                with_outputs: bool = True, collect_gate_stats: bool = True, hook: Optional[Hook] = None):
+                with_outputs: bool = True, collect_gate_stats: Optional[bool] = None, hook: Optional[Hook] = None):
         """One segment. Returns (new_carry, logits [B, L, V] or None, (q_halt, q_continue) [B] fp32,
-        gate stats dict). `hook`: see models/recursion.py."""
+        gate stats dict; collected by default only with the outputs). `hook`: see models/recursion.py."""
         cfg = self.config
-        cos_sin = self.rotary_emb() if cfg.pos_encodings == "rope" else None
+        cos_sin = self._cos_sin()
         x = self._input_embeddings(batch["inputs"], batch["puzzle_identifiers"])  # [B, S, D], built with grad
 
-        gated = cfg.use_gating and collect_gate_stats
+        gated = cfg.use_gating and (with_outputs if collect_gate_stats is None else collect_gate_stats)
         stats = {"L": None, "H": None}
 
         def L_step(z_L, z_H, x):
@@ -315,94 +187,28 @@ class HierarchicalReasoningModel_ACTV1_Inner(nn.Module):
         # 1-step gradient: only the last L-call and the last H-call are differentiated.
         z_H, z_L = hrm_recursion(carry.z_H, carry.z_L, x, L_step, H_step, cfg.H_cycles, cfg.L_cycles, hook=hook)
 
-        new_carry = HierarchicalReasoningModel_ACTV1InnerCarry(z_H=z_H.detach(), z_L=z_L.detach())
-        logits = self.lm_head(z_H)[:, self.puzzle_emb_len:] if with_outputs else None
-        # Q-head reads position 0 (the puzzle-embedding slot), like a CLS token.
-        q_logits = self.q_head(z_H[:, 0]).to(torch.float32)
+        new_carry, logits, q_logits = self._read_out(z_H, z_L, with_outputs)
         gate_stats = {}
         if gated:
             gate_stats.update(_finish_stats(stats["L"]))
             gate_stats.update(_finish_stats(stats["H"]))
-        return new_carry, logits, (q_logits[..., 0], q_logits[..., 1]), gate_stats
+        return new_carry, logits, q_logits, gate_stats
 
 
 # ----------------------------------------------------------------------------------------------
 # ACT wrapper
 
 
-class HierarchicalReasoningModel_ACTV1(nn.Module):
-    """ACT wrapper; `name: hrm.hrm_act_v1@HierarchicalReasoningModel_ACTV1`."""
+class HierarchicalReasoningModel_ACTV1(ACTModel):
+    """ACT wrapper (models/act.py); `name: hrm.hrm_act_v1@HierarchicalReasoningModel_ACTV1`.
+    Halts in training when q_halt > q_continue; Q-continue is trained on a bootstrapped target."""
 
     config_class = HierarchicalReasoningModel_ACTV1Config
+    inner_class = HierarchicalReasoningModel_ACTV1_Inner
+    bootstraps_q_continue = True
 
-    def __init__(self, config_dict: dict, generator: Optional[torch.Generator] = None):
-        super().__init__()
-        self.config = from_dict(HierarchicalReasoningModel_ACTV1Config, dict(config_dict), where="arch")
-        self.inner = HierarchicalReasoningModel_ACTV1_Inner(self.config, generator=generator)
-        self.generator: Optional[torch.Generator] = None
-
-    @property
-    def puzzle_emb(self) -> Optional[CastedSparseEmbedding]:
-        return getattr(self.inner, "puzzle_emb", None)
-
-    def set_generator(self, generator: torch.Generator) -> None:
-        """The RNG for halting exploration (must live on the model's device, or on CPU)."""
-        self.generator = generator
-
-    def _exploration_generator(self, device: torch.device) -> torch.Generator:
-        if self.generator is None:
-            self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(0)
-        return self.generator
-
-    def initial_carry(self, batch: dict[str, torch.Tensor]) -> HierarchicalReasoningModel_ACTV1Carry:
-        batch_size = batch["inputs"].shape[0]
-        device = batch["inputs"].device
-        return HierarchicalReasoningModel_ACTV1Carry(
-            inner_carry=self.inner.empty_carry(batch_size, device=device),
-            steps=torch.zeros((batch_size,), dtype=torch.int32, device=device),
-            halted=torch.ones((batch_size,), dtype=torch.bool, device=device),  # every row loads data first
-            current_data={k: torch.zeros_like(v) for k, v in batch.items()},
-        )
-
-    def forward(self, carry: HierarchicalReasoningModel_ACTV1Carry, batch: dict[str, torch.Tensor]):
-        cfg = self.config
-        # Halted rows restart from the init states with the new example; running rows keep theirs and
-        # the new batch's row is dropped (as the original).
-        new_inner_carry = self.inner.reset_carry(carry.halted, carry.inner_carry)
-        new_steps = torch.where(carry.halted, 0, carry.steps)
-        new_current_data = {
-            k: torch.where(carry.halted.view((-1,) + (1,) * (batch[k].ndim - 1)), batch[k], v)
-            for k, v in carry.current_data.items()}
-
-        new_inner_carry, logits, (q_halt_logits, q_continue_logits), stats = self.inner(new_inner_carry,
-                                                                                       new_current_data)
-        outputs = {"logits": logits, "q_halt_logits": q_halt_logits, "q_continue_logits": q_continue_logits}
-        outputs.update(stats)
-
-        with torch.no_grad():
-            new_steps = new_steps + 1
-            is_last_step = new_steps >= cfg.halt_max_steps
-            halted = is_last_step
-            if self.training and cfg.halt_max_steps > 1:
-                halted = halted | (q_halt_logits > q_continue_logits)
-                # Exploration: with prob. halt_exploration_prob a row gets a minimum step count drawn
-                # from [2, halt_max_steps]; it can only delay halting. Re-drawn every step (as the original).
-                gen = self._exploration_generator(q_halt_logits.device)
-                explore = torch.rand(q_halt_logits.shape, generator=gen, device=gen.device)
-                min_steps = torch.randint(2, cfg.halt_max_steps + 1, new_steps.shape, generator=gen,
-                                          device=gen.device, dtype=new_steps.dtype)
-                min_halt_steps = ((explore < cfg.halt_exploration_prob) * min_steps).to(new_steps.device)
-                halted = halted & (new_steps >= min_halt_steps)
-
-                # Target Q (PQN-style bootstrapping, no replay/target network): one more segment on the
-                # new carry. Only the Q-logits are needed, so the lm_head is skipped.
-                _, _, (next_q_halt, next_q_continue), _ = self.inner(new_inner_carry, new_current_data,
-                                                                     with_outputs=False, collect_gate_stats=False)
-                outputs["target_q_continue"] = torch.sigmoid(
-                    torch.where(is_last_step, next_q_halt, torch.maximum(next_q_halt, next_q_continue)))
-
-        return HierarchicalReasoningModel_ACTV1Carry(new_inner_carry, new_steps, halted, new_current_data), outputs
+    def q_halts(self, q_halt_logits: torch.Tensor, q_continue_logits: torch.Tensor) -> torch.Tensor:
+        return q_halt_logits > q_continue_logits
 
     # ------------------------------------------------------------------------------------------
 
@@ -413,11 +219,9 @@ class HierarchicalReasoningModel_ACTV1(nn.Module):
         (training, halt_max_steps > 1) repeats it without the lm_head; the backward costs 2x the
         forward of the differentiated part (last L-call, last H-call, heads)."""
         cfg = self.config
-        D, H = cfg.hidden_size, cfg.num_heads
-        S = cfg.seq_len + self.inner.puzzle_emb_len
-        T = batch_size * S
-        inter = swiglu_intermediate_size(D, cfg.expansion)
-        block = 2 * T * (D * 3 * D + D * D + D * 2 * inter + inter * D) + 2 * 2 * batch_size * S * S * D
+        D = cfg.hidden_size
+        T = batch_size * (cfg.seq_len + self.inner.puzzle_emb_len)
+        block = self.inner.block_flops(T, batch_size)
         gate_L = gate_H = 0
         if cfg.use_gating:
             r = max(1, int(round(cfg.gate_hidden_ratio * D)))
@@ -426,7 +230,7 @@ class HierarchicalReasoningModel_ACTV1(nn.Module):
         call_L = cfg.L_layers * block + gate_L
         call_H = cfg.H_layers * block + gate_H
         segment = cfg.H_cycles * cfg.L_cycles * call_L + cfg.H_cycles * call_H
-        heads = 2 * batch_size * cfg.seq_len * D * cfg.vocab_size + 2 * batch_size * D * 2
+        heads = self.inner.heads_flops(batch_size)
         forward = segment + heads
         target_q = segment if cfg.halt_max_steps > 1 else 0
         backward = 2 * (call_L + call_H + heads)
