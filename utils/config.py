@@ -257,6 +257,23 @@ def _arch_yaml(name: str) -> dict:
     return OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "arch" / f"{name}.yaml"), resolve=False)
 
 
+def _experiment_arch(name: str, depth: int = 0) -> Optional[str]:
+    """The arch an experiment file selects through its defaults (`override /arch: X`, possibly via another
+    experiment it starts from), or None."""
+    from omegaconf import OmegaConf
+    path = CONFIG_DIR / "experiment" / f"{name}.yaml"
+    if depth > 8 or not path.is_file():
+        return None
+    for entry in OmegaConf.to_container(OmegaConf.load(path)).get("defaults", []):
+        if isinstance(entry, dict) and "override /arch" in entry:
+            return entry["override /arch"]
+        if isinstance(entry, str) and entry != "_self_":
+            found = _experiment_arch(entry, depth + 1)
+            if found:
+                return found
+    return None
+
+
 def preflight_overrides(argv: list[str]) -> None:
     """Validate `key=value` overrides of a pretrain command line before Hydra runs.
 
@@ -265,6 +282,10 @@ def preflight_overrides(argv: list[str]) -> None:
     top_fields = field_names(PretrainConfig)
     nested = {"optimizer": OptimizerConfig, "lr_scheduler": SchedulerConfig, "save_best": SaveBestConfig}
     arch_choices = ["hrm_v1"]
+    for ov in overrides:  # an experiment may choose the arch (`override /arch: trm`); `arch=` wins over it
+        key, value = ov.split("=", 1)
+        if key == "experiment":
+            arch_choices = sorted({_experiment_arch(e) or "hrm_v1" for e in _split_values(value)})
     for ov in overrides:
         key, value = ov.split("=", 1)
         if key == "arch":
