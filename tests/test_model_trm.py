@@ -4,8 +4,6 @@ import math
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from models.common import load_state_dict_strict, trunc_normal_init_
 from models.losses import ACTLossHead
@@ -14,7 +12,10 @@ from models.recursive_reasoning.trm import TinyRecursiveReasoningModel_ACTV1, Ti
 from utils.functions import load_model_class
 from utils.schema import ConfigError, field_names
 
-B, L, V, D = 4, 9, 11, 32
+from test_model_config import _arch  # the composed arch yaml
+from test_model_hrm import B, L, V, _grads, make_batch  # same batch shape; grads incl. the sparse puzzle table
+
+D = 32
 INJECTED = {"batch_size", "seq_len", "vocab_size", "num_puzzle_identifiers"}
 
 
@@ -31,20 +32,8 @@ def make_model(seed=0, **overrides):
     return TinyRecursiveReasoningModel_ACTV1(tiny_config(**overrides), generator=torch.Generator().manual_seed(seed))
 
 
-def make_batch(seed=0, batch_size=B):
-    g = torch.Generator().manual_seed(seed)
-    return {"inputs": torch.randint(0, V, (batch_size, L), generator=g, dtype=torch.int32),
-            "labels": torch.randint(0, V, (batch_size, L), generator=g, dtype=torch.int32),
-            "puzzle_identifiers": torch.randint(0, 3, (batch_size,), generator=g, dtype=torch.int32)}
-
-
 # ----------------------------------------------------------------------------------------------
 # config, names, shapes, counts, init
-
-
-def _arch(repo_root, name):
-    with initialize_config_dir(config_dir=str(repo_root / "config" / "arch"), version_base=None):
-        return OmegaConf.to_container(compose(config_name=name), resolve=True)
 
 
 def test_trm_yaml_is_the_originals_and_builds_its_class(repo_root):
@@ -172,15 +161,6 @@ def _reference_call(inner, y, z, batch, rule: str):
     return inner.lm_head(y)[:, inner.puzzle_emb_len:], inner.q_head(y[:, 0])
 
 
-def _grads(model, loss):
-    model.zero_grad(set_to_none=True)
-    model.puzzle_emb.local_weights.grad = None
-    loss.backward()
-    out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    out["puzzle_local"] = model.puzzle_emb.local_weights.grad.clone()
-    return out
-
-
 @pytest.mark.parametrize("mlp_t", [False, True])
 def test_gradients_are_last_cycle_full_backprop_not_one_step(mlp_t):
     m = make_model(mlp_t=mlp_t, pos_encodings="none" if mlp_t else "rope")
@@ -244,14 +224,13 @@ def test_carry_is_detached_and_forward_matches_the_recursion_written_out():
 
 
 def _run_until_all_halted(m, batch, max_calls=50):
+    """-> (calls until every row halted, last carry, last outputs)."""
     carry = m.initial_carry(batch)
-    halted_at = []
-    for call in range(1, max_calls + 1):
+    for n in range(1, max_calls + 1):
         carry, outputs = m(carry, batch)
-        halted_at.append(carry.halted.clone())
         if carry.halted.all():
-            return call, carry, outputs
-    return None, carry, outputs
+            break
+    return n, carry, outputs
 
 
 def _set_q_bias(m, q_halt, q_continue):
@@ -324,19 +303,6 @@ def test_eval_runs_exactly_halt_max_steps_and_exploration_only_delays(no_act_con
     m.set_generator(torch.Generator().manual_seed(3))
     carry, _ = m(m.initial_carry(make_batch()), make_batch())
     assert not carry.halted.any()  # every row drew a minimum of >= 2 steps
-
-
-def test_halted_rows_reload_and_running_rows_keep_their_data():
-    m = make_model(halt_max_steps=3)
-    m.eval()
-    b1, b2 = make_batch(1), make_batch(2)
-    with torch.no_grad():
-        carry, _ = m(m.initial_carry(b1), b1)
-        carry.halted = torch.tensor([True, False, True, False])
-        carry, _ = m(carry, b2)
-    assert torch.equal(carry.current_data["inputs"][0], b2["inputs"][0])
-    assert torch.equal(carry.current_data["inputs"][1], b1["inputs"][1])
-    assert carry.steps.tolist() == [1, 2, 1, 2]
 
 
 # ----------------------------------------------------------------------------------------------
