@@ -34,7 +34,7 @@ from utils.evaluation import MetricAccumulator, evaluate, reduce_metrics
 from utils.logger import MetricLogger
 from utils.modeling import (autocast_context, build_head, derive_seed, inner_model, prepare_for_training,
                             puzzle_embedding, set_exploration_generator)
-from utils.optim import build_optimizer, build_scheduler, current_lr
+from utils.optim import SCHEDULE_BASE_LR, build_optimizer, build_scheduler, current_lr
 from utils.schema import ConfigError
 
 KNOWN_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}  # dense bf16
@@ -473,6 +473,12 @@ def apply_resume_changes(run: Run, step_dir: Path, config_dict: dict) -> list[st
             raise ConfigError(f"cannot resume {step_dir} with {key} changed ({a!r} -> {b!r}): {why}; restore the old "
                               f"value, or start a new checkpoint_path (init_from={step_dir} keeps the weights)")
     dense, sparse = run.optimizers[-1], (run.optimizers[0] if len(run.optimizers) > 1 else None)
+    muon_groups = any("use_muon" in g for g in dense.param_groups)
+    for key in ("weight_decay", "optimizer.kwargs"):
+        if muon_groups and key in changed:  # each group took its value from a different key
+            raise ConfigError(f"cannot resume {step_dir} with {key} changed under optimizer '{cfg.optimizer.name}' "
+                              f"(its Muon and AdamW groups are set up once); restore the old value, or start a new "
+                              f"checkpoint_path (init_from={step_dir} keeps the weights)")
     for group in dense.param_groups:  # the restored optimizer state carried the old hyperparameters
         if "betas" in group and ("beta1" in changed or "beta2" in changed):
             group["betas"] = (cfg.beta1, cfg.beta2)
@@ -487,10 +493,10 @@ def apply_resume_changes(run: Run, step_dir: Path, config_dict: dict) -> list[st
     if any(k in changed for k in SCHEDULE_KEYS):
         bases = ([cfg.puzzle_emb_lr] if sparse is not None else []) + [cfg.lr]
         for sched, base in zip(run.schedulers, bases):  # LambdaLR: fresh lambda (new warmup/total), new base
-            sched.base_lrs = [base] * len(sched.optimizer.param_groups)
+            sched.base_lrs = [g.get(SCHEDULE_BASE_LR, base) for g in sched.optimizer.param_groups]
             for group, lam in zip(sched.optimizer.param_groups, sched.lr_lambdas):
-                group["initial_lr"] = base
-                group["lr"] = base * lam(sched.last_epoch)
+                group["initial_lr"] = group.get(SCHEDULE_BASE_LR, base)
+                group["lr"] = group["initial_lr"] * lam(sched.last_epoch)
             sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
     return [f"resume: {key} changed {a!r} -> {b!r}, in force from step {run.step + 1}" for key, (a, b) in changed.items()]
 
@@ -660,7 +666,7 @@ def build_optimizers(head: torch.nn.Module, cfg: PretrainConfig, info: DistInfo,
         optimizers.append(CastedSparseEmbeddingSignSGD_Distributed(
             tensors, world_size=info.world_size, lr=cfg.puzzle_emb_lr, weight_decay=cfg.puzzle_emb_weight_decay))
         base_lrs.append(cfg.puzzle_emb_lr)
-    optimizers.append(build_optimizer(head.parameters(), cfg.optimizer.name, cfg.lr, (cfg.beta1, cfg.beta2),
+    optimizers.append(build_optimizer(head, cfg.optimizer.name, cfg.lr, (cfg.beta1, cfg.beta2),
                                       cfg.weight_decay, cfg.optimizer.kwargs))
     base_lrs.append(cfg.lr)
     return optimizers, base_lrs, sparse_accum
