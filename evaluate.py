@@ -84,6 +84,23 @@ def is_arc_dataset(data_path: str) -> bool:
     return meta.get("seq_len") == 900 and meta.get("vocab_size") == 12
 
 
+def check_data_fits(head, meta, checkpoint: str, data_path: str, split: str, puzzle: bool) -> None:
+    """A model and a dataset that do not fit each other fail here in one line, not deep inside the forward
+    (an embedding lookup out of range, a position table too short)."""
+    from utils.modeling import inner_model
+    model_cfg = getattr(inner_model(head), "config", None)
+    keys = ("vocab_size", "seq_len", "num_puzzle_identifiers") if puzzle else ("vocab_size",)
+    for key in keys:
+        have, need = getattr(model_cfg, key, None), getattr(meta, key, None)
+        if have is None or need is None:
+            continue
+        bad = have != need if key == "seq_len" else need > have  # ids beyond the table; positions must match
+        if bad:
+            raise CheckpointError(f"checkpoint '{checkpoint}' does not fit data_path '{data_path}': the model has "
+                                  f"{key}={have} but its {split} split has {key}={need}; evaluate on the dataset it was "
+                                  f"trained on (or one built with the same settings)")
+
+
 def run(args: argparse.Namespace) -> dict:
     info = init_distributed(args.device)
     t0 = time.time()
@@ -101,6 +118,7 @@ def run(args: argparse.Namespace) -> dict:
     dataset = make_dataset(data_path, args.split, seed=cfg.seed, global_batch_size=gbs, test_set_mode=True,
                            epochs_per_iter=1, rank=info.rank, world_size=info.world_size)
     puzzle = dataset_kind(data_path) == "puzzle"
+    check_data_fits(head, dataset.metadata, args.checkpoint, data_path, args.split, puzzle)
     metrics, outputs = evaluate(head, make_loader(dataset, num_workers=1), info, device=info.device,
                                 mixed_precision=cfg.mixed_precision, max_batches=args.max_eval_batches,
                                 save_keys=SAVE_KEYS if puzzle else [], global_batch_size=gbs, progress=True)

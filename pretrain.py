@@ -254,6 +254,8 @@ def log_train_metrics(run: Run) -> None:
     dt = max(now - run.last_log_time, 1e-9)
     metrics = {f"train/{k}": v for k, v in reduce_metrics(run.head, sums, "train", cfg.global_batch_size * max(steps, 1)).items()}
     metrics["train/lr"] = current_lr(run.optimizers[-1])
+    if "count" in sums:  # rows that halted per step (a count; the per-count reduction made it count/count = 1)
+        metrics["train/count"] = float(sums["count"]) / max(steps, 1)
     if steps > 0:
         metrics["perf/samples_per_s"] = cfg.global_batch_size * steps / dt
         metrics["perf/step_ms"] = 1000.0 * dt / steps
@@ -549,7 +551,12 @@ def setup_run(cfg: PretrainConfig, info: DistInfo, group: Optional[str], held: O
                            test_set_mode=True, epochs_per_iter=1, rank=info.rank, world_size=world)
     per_epoch = batches_per_epoch(train_ds)
     if per_epoch < 1:
-        raise ConfigError(f"global_batch_size {cfg.global_batch_size} is larger than one epoch of '{cfg.data_path}'")
+        meta = train_ds.metadata
+        size = getattr(meta, "num_examples", None) if hasattr(meta, "num_examples") else meta.total_groups
+        if not size:
+            raise ConfigError(f"data_path '{cfg.data_path}': the train split is empty (0 examples); rebuild the dataset")
+        raise ConfigError(f"global_batch_size {cfg.global_batch_size} is larger than one epoch of '{cfg.data_path}' "
+                          f"({size} {'examples' if hasattr(meta, 'num_examples') else 'puzzle groups'})")
     total_steps = cfg.epochs * per_epoch
 
     meta = train_ds.metadata
@@ -677,7 +684,8 @@ def build_optimizers(head: torch.nn.Module, cfg: PretrainConfig, info: DistInfo,
 
 
 def user_errors() -> tuple[type, ...]:
-    return (ConfigError, ckpt.CheckpointError, TrainError) + data_errors()
+    from utils.logger import MetricLogError
+    return (ConfigError, ckpt.CheckpointError, TrainError, MetricLogError) + data_errors()
 
 
 def launch(dict_cfg) -> dict:

@@ -353,9 +353,11 @@ class BuildConfig:
     overwrite: bool = False
 
 
-def _iter_documents(cfg: BuildConfig, files, split_filter: str | None = None) -> Iterator[tuple[str, str, Any]]:
+def _iter_documents(cfg: BuildConfig, files, split_filter: str | None = None, forced: dict | None = None,
+                    hashed: list | None = None) -> Iterator[tuple[str, str, Any]]:
     """(split, location, document) over all files in a fixed order. Documents are text (text mode),
-    (prompt, response) strings (prompt_response) or the raw record (triples)."""
+    (prompt, response) strings (prompt_response) or the raw record (triples). `forced`: doc index -> split,
+    overriding the hash split; `hashed` collects the indices of hash-split documents."""
     test_ratio = cfg.val_ratio if cfg.test_ratio is None else cfg.test_ratio
     doc_index = 0
     for path, file_split in files:
@@ -364,7 +366,9 @@ def _iter_documents(cfg: BuildConfig, files, split_filter: str | None = None) ->
         else:
             docs = _iter_records(path)
         for where, doc in _reading(path, docs):
-            split = file_split or _hash_split(cfg.seed, doc_index, cfg.val_ratio, test_ratio)
+            split = file_split or (forced or {}).get(doc_index) or _hash_split(cfg.seed, doc_index, cfg.val_ratio, test_ratio)
+            if hashed is not None and file_split is None:
+                hashed.append(doc_index)
             doc_index += 1
             if split_filter is not None and split != split_filter:
                 continue
@@ -485,8 +489,39 @@ def _triple_to_example(rec: Any, where: str, specials: dict) -> tuple[list[int],
     return prompt, target
 
 
-def build(cfg: BuildConfig) -> dict:
-    """Build one dataset; returns the meta dict. Raises LMDataError on bad input."""
+class _EmptySplits(Exception):
+    """A requested validation/test split got no document by the hash split (a small corpus)."""
+
+    def __init__(self, forced: dict):
+        self.forced = forced
+
+
+def _force_one_per_split(cfg: BuildConfig, hashed: list[int], split_stats: dict) -> dict:
+    """doc index -> split for the requested splits that came out empty: the hash-split document with the lowest
+    hash draw goes to validation, the lowest of the rest to test (the same documents in every rebuild)."""
+    test_ratio = cfg.val_ratio if cfg.test_ratio is None else cfg.test_ratio
+    wanted = [s for s, r in (("validation", cfg.val_ratio), ("test", test_ratio)) if r > 0 and split_stats[s]["count"] == 0]
+    if len(hashed) < 3:
+        raise LMDataError(f"{cfg.source}: {len(hashed)} documents cannot fill train, validation and test; add documents "
+                          f"or set --val-ratio 0 --test-ratio 0")
+
+    def draw(i):
+        return int.from_bytes(hashlib.blake2b(f"{cfg.seed}:{i}".encode(), digest_size=8).digest(), "little")
+    ranked = sorted(hashed, key=draw)
+    return {i: s for i, s in zip(ranked, wanted)}
+
+
+def build(cfg: BuildConfig, _forced: dict | None = None) -> dict:
+    """Build one dataset; returns the meta dict. Raises LMDataError on bad input. A requested validation or
+    test split that the hash split leaves empty (a small corpus) gets one document: the build reruns once
+    with that document moved there, so `--val-ratio` always yields a validation split."""
+    try:
+        return _build(cfg, _forced)
+    except _EmptySplits as e:
+        return _build(cfg, e.forced)
+
+
+def _build(cfg: BuildConfig, forced: dict | None) -> dict:
     t0 = time.time()
     _check_build_args(cfg)
     out = Path(cfg.output_dir)
@@ -507,7 +542,7 @@ def build(cfg: BuildConfig) -> dict:
         specials = {**tok.special_ids(), "vocab_size": tok.vocab_size}
     else:
         def train_texts():
-            for _, _, doc in _iter_documents(cfg, files, split_filter="train"):
+            for _, _, doc in _iter_documents(cfg, files, split_filter="train", forced=forced):
                 yield doc if isinstance(doc, str) else doc[0] + "\n" + doc[1]
         texts = tqdm(train_texts(), desc="train tokenizer", unit="doc", disable=None)
         tok = LMTokenizer(train_bpe_tokenizer(texts, cfg.vocab_size, cfg.min_frequency), source="trained")
@@ -551,7 +586,9 @@ def build(cfg: BuildConfig) -> dict:
             stats["documents"] += len(pending)
             pending.clear()
 
-        for item in tqdm(_iter_documents(cfg, files), desc="tokenise", unit="doc", disable=None):
+        hashed: list[int] = []
+        for item in tqdm(_iter_documents(cfg, files, forced=forced, hashed=hashed), desc="tokenise", unit="doc",
+                         disable=None):
             pending.append(item)
             if len(pending) >= cfg.batch_docs:
                 flush()
@@ -562,6 +599,13 @@ def build(cfg: BuildConfig) -> dict:
         if split_stats["train"]["count"] == 0:
             raise LMDataError(f"{cfg.source}: no training examples were produced "
                               f"(documents too short for --max-seq-len windows, or all sent to other splits)")
+        test_ratio = cfg.val_ratio if cfg.test_ratio is None else cfg.test_ratio
+        for split, ratio, flag in (("validation", cfg.val_ratio, "--val-ratio"), ("test", test_ratio, "--test-ratio")):
+            if hashed and ratio > 0 and split_stats[split]["count"] == 0:
+                if forced is None:
+                    raise _EmptySplits(_force_one_per_split(cfg, hashed, split_stats))
+                raise LMDataError(f"{cfg.source}: the {split} split ({flag} {ratio}) has no examples even with one "
+                                  f"document moved there (too short for a window?); add documents or set {flag} 0")
 
         if cfg.mode == "triples" and tok is None:
             tok_note = "none (triples imported without a tokenizer)"
@@ -661,7 +705,7 @@ def mix(inputs: list[tuple[str, float]], output_dir: str, seed: int = 0, quotas:
             for i, (d, _) in enumerate(inputs):
                 rng = np.random.default_rng([seed, si, i])
                 reps, rem = divmod(int(n[i]), int(counts[i])) if counts[i] else (0, 0)
-                if reps > 0 and n[i] > 0:
+                if n[i] > counts[i]:  # a whole pass alone is no repetition
                     print(f"warning: mix: {d} has {counts[i]} {split} examples; repeating it to reach {n[i]}",
                           file=sys.stderr)
                 idx = [rng.permutation(counts[i]) for _ in range(reps)] + [rng.permutation(counts[i])[:rem]]

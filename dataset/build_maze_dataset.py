@@ -148,7 +148,7 @@ def make_maze(side: int, rng: np.random.Generator, braid: float) -> tuple[np.nda
 
 def generate_mazes(count: int, side: int, rng: np.random.Generator, braid: float, seen: set, desc: str):
     qs, as_ = [], []
-    with tqdm(total=count, desc=desc, unit="maze", leave=False) as bar:
+    with tqdm(total=count, desc=desc, unit="maze", leave=False, disable=None) as bar:  # no bar in logs
         tries = 0
         while len(qs) < count:
             tries += 1

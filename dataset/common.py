@@ -48,17 +48,32 @@ class DatasetError(ValueError):
 def iter_puzzle_csv(path: Path) -> Iterator[tuple[int, list[str]]]:
     """Rows of a puzzle CSV in the layout of the original's sources (Sudoku-Extreme, Maze-30x30-hard): a header
     row, then `source,question,answer,rating`. Yields (line number, the 4 fields); blank lines are skipped."""
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         reader = csv.reader(f)
-        if next(reader, None) is None:
-            raise DatasetError(f"{path}: empty file (expected a header row then source,question,answer,rating)")
-        for row in reader:
-            if not row:
-                continue
-            if len(row) != 4:
-                raise DatasetError(f"{path}:{reader.line_num}: expected 4 columns (source,question,answer,rating), "
-                                   f"got {len(row)}")
-            yield reader.line_num, row
+        try:
+            if next(reader, None) is None:
+                raise DatasetError(f"{path}: empty file (expected a header row then source,question,answer,rating)")
+            for row in reader:
+                if not row:
+                    continue
+                if len(row) != 4:
+                    raise DatasetError(f"{path}:{reader.line_num}: expected 4 columns (source,question,answer,rating), "
+                                       f"got {len(row)}")
+                yield reader.line_num, row
+        except UnicodeDecodeError as e:
+            raise DatasetError(f"{path}:{_first_undecodable_line(path)}: not UTF-8 text ({e.reason}); save the CSV "
+                               f"as UTF-8") from None
+
+
+def _first_undecodable_line(path: Path) -> int:
+    """Decoding runs ahead of the csv reader in blocks, so find the offending line by re-reading the bytes."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return 0
 
 
 @contextlib.contextmanager

@@ -440,7 +440,12 @@ class Mamba2(nn.Module):
         return conv_state, ssm_state
 
     def step(self, u_t: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
-        """u_t [B, 1, d_model] -> (out [B, 1, d_model], conv_state, ssm_state); both states are updated in place."""
+        """u_t [B, 1, d_model] -> (out [B, 1, d_model], conv_state, ssm_state); both states are updated in place.
+
+        dt is clamped to `dt_limit` here exactly as in `forward`, so decoding continues the model that was
+        trained. mamba_ssm's `Mamba2.step` and transformers' Mamba2 cache path skip that clamp; for a
+        non-default `dt_limit` their decoding therefore differs from their own full-sequence forward, and
+        from ours. We deliberately keep step == forward (tests/test_mamba2.py checks it with a clamped dt)."""
         if u_t.dim() != 3 or u_t.shape[1] != 1:
             raise ValueError(f"Mamba2.step: expected u_t of shape [B, 1, {self.d_model}], got {list(u_t.shape)}")
         dtype = u_t.dtype

@@ -10,6 +10,15 @@ from pathlib import Path
 from typing import Any
 
 
+class MetricLogError(ValueError):
+    """The metrics log cannot be written (read-only file system, disk full, a directory in its place)."""
+
+
+def _log_error(path: Path, e: OSError) -> MetricLogError:
+    return MetricLogError(f"cannot write the metrics log '{path}': {e.strerror or e} (choose a writable "
+                          f"checkpoint_path, or logger=none)")
+
+
 class MetricLogger:
     """`log(metrics, step)`; `close()`. A no-op on ranks other than 0.
 
@@ -23,9 +32,14 @@ class MetricLogger:
         self.wandb_run = None
         if self.kind == "none":
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None:
-            truncate_jsonl(self.jsonl_path, resume_step)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None:
+                truncate_jsonl(self.jsonl_path, resume_step)
+            with open(self.jsonl_path, "a"):
+                pass  # fail now, not at the first log line
+        except OSError as e:
+            raise _log_error(self.jsonl_path, e) from None
         if self.kind == "wandb":
             import wandb
             # One W&B run per run directory: a resumed run continues the same W&B run.
@@ -40,8 +54,11 @@ class MetricLogger:
         if self.kind == "none" or not metrics:
             return
         clean = {k: _plain(v) for k, v in metrics.items()}
-        with open(self.jsonl_path, "a") as f:
-            f.write(json.dumps({"step": step, **clean}, allow_nan=True) + "\n")
+        try:
+            with open(self.jsonl_path, "a") as f:
+                f.write(json.dumps({"step": step, **clean}, allow_nan=True) + "\n")
+        except OSError as e:
+            raise _log_error(self.jsonl_path, e) from None
         if self.wandb_run is not None:
             self.wandb_run.log(clean, step=step)
 
