@@ -44,6 +44,7 @@ def test_recipe_composes_to_trm_with_the_readme_overrides(name):
     assert (cfg.lr, cfg.weight_decay) == ((1e-4, 1.0) if sudoku_or_maze else (1e-4, 0.1))
     assert cfg.puzzle_emb_lr == (1e-4 if sudoku_or_maze else 1e-2)
     assert cfg.epochs == (50000 if sudoku_or_maze else 100000)
+    assert cfg.ema is True and cfg.ema_rate == 0.999
 
 
 def test_preflight_checks_arch_keys_against_the_recipes_arch():
