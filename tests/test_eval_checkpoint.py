@@ -52,6 +52,29 @@ def test_original_checkpoint_evaluates_like_ours(tmp_path):
     assert set(p.files) == {"inputs", "labels", "puzzle_identifiers", "preds", "q_halt_logits"}
 
 
+def test_original_trm_checkpoint_with_data_paths_loads_like_ours(tmp_path):
+    """The original TRM's all_config.yaml: `data_paths` (a list) and keys only its trainer reads."""
+    data = build_tiny_sudoku(tmp_path / "data")
+    run_dir = tmp_path / "ours"
+    train(tiny_overrides(data, run_dir) + ["arch=trm", "arch.H_cycles=2", "arch.puzzle_emb_len=2"])
+    original = _original_layout(run_dir / "step_8", tmp_path / "orig", data)
+    cfg = yaml.safe_load((tmp_path / "orig" / "all_config.yaml").read_text())
+    del cfg["data_path"]
+    cfg.update(data_paths=[str(data)], data_paths_test=[], evaluators=[], min_eval_interval=0, freeze_weights=False,
+               load_checkpoint=None, ema=True, ema_rate=0.999)
+    (tmp_path / "orig" / "all_config.yaml").write_text(yaml.safe_dump(cfg))
+    cfg_o, head_o = load_model_from_checkpoint(original)
+    _, head_u = load_model_from_checkpoint(run_dir / "step_8")
+    assert cfg_o.data_path == str(data) and type(head_o.model).__name__ == "TinyRecursiveReasoningModel_ACTV1"
+    so, su = head_o.state_dict(), head_u.state_dict()
+    assert so.keys() == su.keys() and all(torch.equal(so[k], su[k]) for k in su)
+    cfg["data_paths"] = [str(data), str(data)]
+    (tmp_path / "orig" / "all_config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(CheckpointError, match="data_paths has 2 entries; pass data_path="):
+        load_model_from_checkpoint(original)
+    assert load_model_from_checkpoint(original, data_path=str(data))[0].data_path == str(data)
+
+
 def test_evaluate_cli_errors_are_one_line(tmp_path):
     proc = run_cli(["evaluate.py", "checkpoint=/nonexistent/step_3"])
     assert proc.returncode == 2 and proc.stderr.strip() == "error: checkpoint '/nonexistent/step_3' does not exist"

@@ -464,9 +464,28 @@ def _injected_from_original(raw: dict, weights: dict[str, torch.Tensor], data_pa
             raise CheckpointError(f"cannot tell seq_len of this checkpoint: pass data_path=<the dataset it was "
                                   f"trained on> (no {meta_file})")
         arch = raw["arch"]
-        puzzle_len = -(-int(arch.get("puzzle_emb_ndim", 0)) // int(arch.get("hidden_size", 512)))
+        # HRM's prefix rule, or TRM's explicit puzzle_emb_len when it is set (> 0)
+        puzzle_len = int(arch.get("puzzle_emb_len", 0)) or -(-int(arch.get("puzzle_emb_ndim", 0)) // int(arch.get("hidden_size", 512)))
         injected["seq_len"] = int(pos.shape[0]) - puzzle_len
     return injected
+
+
+# Keys the original TRM's pretrain.py adds that only its trainer reads (evaluator list, eval spacing, frozen
+# weights, a checkpoint to start from); a model rebuilt from the weights ignores them.
+TRM_TRAINER_ONLY_KEYS = ("data_paths_test", "evaluators", "min_eval_interval", "freeze_weights", "load_checkpoint")
+
+
+def _trm_config_to_ours(raw: dict, cfg_file: Path, data_path: str | None) -> dict:
+    """The original TRM's all_config.yaml has `data_paths` (a list) where HRM and we have `data_path`."""
+    if "data_paths" not in raw:
+        return raw
+    raw = {k: v for k, v in raw.items() if k not in TRM_TRAINER_ONLY_KEYS}
+    paths = raw.pop("data_paths") or []
+    if data_path is None and len(paths) != 1:
+        raise CheckpointError(f"{cfg_file}: data_paths has {len(paths)} entries; pass data_path=<the dataset to "
+                              f"evaluate on>")
+    raw["data_path"] = data_path or paths[0]
+    return raw
 
 
 def load_model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -489,6 +508,8 @@ def load_model_from_checkpoint(path: str | os.PathLike, device: str | torch.devi
         raw = OmegaConf.to_container(OmegaConf.load(cfg_file), resolve=True)
     except Exception as e:  # YAML errors come in several classes
         raise CheckpointError(f"{cfg_file}: not a readable config ({str(e).splitlines()[0]})") from None
+    if kind == "original":
+        raw = _trm_config_to_ours(raw, cfg_file, data_path)
     if data_path is not None:
         raw["data_path"] = data_path
     weights = load_weights(weights_file, ema=ema)
