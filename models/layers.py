@@ -3,8 +3,12 @@
 Conventions kept from the original (and relied on by released checkpoints):
 - weights live in fp32 ("master" copies) and are cast to the activation dtype at use;
 - init is the JAX-style truncated normal whose *final* std equals the requested std;
-- RMSNorm has no gain; SwiGLU's width is round(expansion * D * 2/3) rounded up to a multiple of 256;
+- RMSNorm has no gain; SwiGLU's width is round(expansion * D * 2/3) rounded up to a multiple of 256
+  (`multiple_of`; the hybrid LM keeps its own 32 so that its checkpoints keep their shapes);
 - RoPE uses the half-split rotation and is applied in fp32.
+
+The hybrid LM (models/hrm_lm) uses the same blocks with what HRM never needs: key padding masks, causal
+self-attention with a KV cache, cross-attention to a memory, RoPE at arbitrary positions.
 
 Attention backends (config `attn_backend`, logged once per process): `flash` = flash-attn 3 or 2
 (CUDA, 16-bit), `sdpa` = `torch.nn.functional.scaled_dot_product_attention`, `math` = explicit
@@ -33,9 +37,11 @@ def _find_multiple(a: int, b: int) -> int:
     return (-(a // -b)) * b
 
 
-def swiglu_intermediate_size(hidden_size: int, expansion: float) -> int:
-    """The original's rule: 512 -> 1536, 128 -> 512, 256 -> 768 at expansion 4."""
-    return _find_multiple(round(expansion * hidden_size * 2 / 3), 256)
+def swiglu_intermediate_size(hidden_size: int, expansion: float, multiple_of: int = 256) -> int:
+    """The original's rule: 512 -> 1536, 128 -> 512, 256 -> 768 at expansion 4 (multiple_of 256).
+    The LM's multiple_of=32 gives 256 -> 704, as its own rule ceil(expansion * D * 2/3 / 32) * 32 did
+    (the two agree for every hidden size at expansions 1.5, 2, 3 and 4; tests check sizes up to 4096)."""
+    return _find_multiple(round(expansion * hidden_size * 2 / 3), multiple_of)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,26 +125,36 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
     return q_out.to(dtype), k_out.to(dtype)
 
 
+def _rotary_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    freqs = torch.outer(positions.float(), inv_freq)  # [S, d/2]
+    return torch.cat((freqs, freqs), dim=-1)  # [S, d]
+
+
 class RotaryEmbedding(nn.Module):
-    """Precomputed RoPE tables [S, d] (fp32, non-persistent: never in a state dict)."""
+    """RoPE tables [S, d] for positions 0..max_position_embeddings-1, precomputed (fp32, non-persistent:
+    never in a state dict); `forward(positions)` computes the rows of any positions (the LM's decoder
+    during generation), equal to the table's rows where both exist."""
 
     def __init__(self, dim: int, max_position_embeddings: int, base: float):
         super().__init__()
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-        positions = torch.arange(max_position_embeddings, dtype=torch.float32)
-        freqs = torch.outer(positions, inv_freq)
-        angles = torch.cat((freqs, freqs), dim=-1)
+        angles = _rotary_angles(torch.arange(max_position_embeddings, dtype=torch.float32), inv_freq)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.register_buffer("cos_cached", angles.cos(), persistent=False)
         self.register_buffer("sin_cached", angles.sin(), persistent=False)
 
-    def forward(self) -> CosSin:
-        return self.cos_cached, self.sin_cached
+    def forward(self, positions: Optional[torch.Tensor] = None) -> CosSin:
+        if positions is None:
+            return self.cos_cached, self.sin_cached
+        angles = _rotary_angles(positions, self.inv_freq)
+        return angles.cos(), angles.sin()
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, hidden_size: int, expansion: float, generator: Optional[torch.Generator] = None):
+    def __init__(self, hidden_size: int, expansion: float, generator: Optional[torch.Generator] = None,
+                 multiple_of: int = 256):
         super().__init__()
-        inter = swiglu_intermediate_size(hidden_size, expansion)
+        inter = swiglu_intermediate_size(hidden_size, expansion, multiple_of)
         self.gate_up_proj = CastedLinear(hidden_size, inter * 2, bias=False, generator=generator)
         self.down_proj = CastedLinear(inter, hidden_size, bias=False, generator=generator)
 
@@ -208,50 +224,98 @@ def log_attn_backend_choice(requested: str) -> None:
         log.info("attention backend %s (as configured); flash-attn: %s", requested, flash)
 
 
-def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
-    """q, k, v [B, H, S, d] -> [B, H, S, d]. Numerics follow flash-attn's: scores and softmax in fp32
-    from the (possibly bf16) q, k; probabilities cast to v's dtype for the PV product."""
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                   key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """q [B, H, S, d], k, v [B, H, T, d] -> [B, H, S, d]. Numerics follow flash-attn's: scores and softmax
+    in fp32 from the (possibly bf16) q, k; probabilities cast to v's dtype for the PV product.
+    key_mask [B, T] bool, True = attend; causal needs S == T."""
     scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # [B, H, S, S] fp32
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # [B, H, S, T] fp32
     if causal:
         S = scores.shape[-1]
         mask = torch.ones(S, S, dtype=torch.bool, device=scores.device).triu(1)
         scores = scores.masked_fill(mask, float("-inf"))
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.matmul(probs.to(v.dtype), v)
 
 
-class Attention(nn.Module):
-    """Multi-head attention (non-causal in HRM) with a fused qkv projection, layout [q heads | k heads | v heads]."""
+class _AttentionBase(nn.Module):
+    """Heads, backend choice and the attention itself; subclasses own the projections."""
 
-    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_key_value_heads: int,
-                 causal: bool = False, backend: str = "auto", generator: Optional[torch.Generator] = None):
+    def __init__(self, head_dim: int, num_heads: int, num_key_value_heads: int, causal: bool, backend: str):
         super().__init__()
         resolve_attn_backend(backend)  # validates; 'flash' without flash-attn fails here, not at the first step
-        self.hidden_size = hidden_size
         self.head_dim = head_dim
         self.num_heads = num_heads
         self.num_key_value_heads = num_key_value_heads
         self.causal = causal
         self.backend = backend  # resolved per call from the tensors' device (a pure function: compile-friendly)
         log_attn_backend_choice(backend)
+
+    def _backend_for(self, q: torch.Tensor, num_keys: int, masked: bool) -> str:
+        chosen = resolve_attn_backend(self.backend, q.device)
+        if chosen == "flash" and (q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16)):
+            if self.backend == "flash":
+                raise RuntimeError(f"attn_backend='flash' needs fp16/bf16 CUDA tensors, got {q.dtype} on {q.device}")
+            chosen = "sdpa"  # auto + fp32: flash-attn has no fp32 kernel
+        if chosen == "flash" and masked:
+            if self.backend == "flash":
+                raise RuntimeError("attn_backend='flash' takes no key padding mask (the LM pads its prompts); "
+                                   "use 'auto' or 'sdpa'")
+            chosen = "sdpa"
+        if chosen == "math" and self.backend == "auto":
+            B, S = q.shape[:2]
+            if B * self.num_heads * S * num_keys * 4 > MATH_ATTN_MAX_BYTES:
+                chosen = "sdpa"
+        return chosen
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+               key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """q [B, S, H, d], k, v [B, T, Hkv, d], key_mask [B, T] bool (True = attend) -> [B, S, H*d]."""
+        B, S = q.shape[:2]
+        H = self.num_heads
+        backend = self._backend_for(q, k.shape[1], key_mask is not None)
+        if backend == "flash":
+            out = _FLASH_ATTN_FUNC(q, k, v, causal=causal)
+            if isinstance(out, tuple):  # FA3 returns (out, lse)
+                out = out[0]
+        else:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, d]
+            if self.num_key_value_heads != H:
+                k = k.repeat_interleave(H // self.num_key_value_heads, dim=1)
+                v = v.repeat_interleave(H // self.num_key_value_heads, dim=1)
+            if backend == "math":
+                out = math_attention(q, k, v, causal=causal, key_mask=key_mask)
+            elif key_mask is None:  # same default scale 1/sqrt(d) as flash-attn
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            else:
+                mask = key_mask[:, None, None, :]
+                if causal:
+                    mask = mask & torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = out.transpose(1, 2)
+        return out.reshape(B, S, H * self.head_dim)
+
+
+class Attention(_AttentionBase):
+    """Multi-head self-attention (non-causal in HRM) with a fused qkv projection, layout
+    [q heads | k heads | v heads]. The LM adds key padding masks and, in its causal decoder, a KV cache."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_key_value_heads: int,
+                 causal: bool = False, backend: str = "auto", generator: Optional[torch.Generator] = None):
+        super().__init__(head_dim, num_heads, num_key_value_heads, causal, backend)
+        self.hidden_size = hidden_size
         self.qkv_proj = CastedLinear(hidden_size, (num_heads + 2 * num_key_value_heads) * head_dim, bias=False,
                                      generator=generator)
         self.o_proj = CastedLinear(num_heads * head_dim, hidden_size, bias=False, generator=generator)
 
-    def _backend_for(self, x: torch.Tensor) -> str:
-        chosen = resolve_attn_backend(self.backend, x.device)
-        if chosen == "flash" and (x.device.type != "cuda" or x.dtype not in (torch.float16, torch.bfloat16)):
-            if self.backend == "flash":
-                raise RuntimeError(f"attn_backend='flash' needs fp16/bf16 CUDA tensors, got {x.dtype} on {x.device}")
-            chosen = "sdpa"  # auto + fp32: flash-attn has no fp32 kernel
-        if chosen == "math" and self.backend == "auto":
-            B, S, _ = x.shape
-            if B * self.num_heads * S * S * 4 > MATH_ATTN_MAX_BYTES:
-                chosen = "sdpa"
-        return chosen
-
-    def forward(self, hidden_states: torch.Tensor, cos_sin: Optional[CosSin] = None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, cos_sin: Optional[CosSin] = None,
+                key_mask: Optional[torch.Tensor] = None, cache: Optional[dict] = None) -> torch.Tensor:
+        """hidden_states [B, S, D]; cos_sin [S, d] for these S positions; key_mask [B, S] (True = attend);
+        cache {"k", "v"} [B, T, Hkv, d] of earlier positions, extended in place (generation feeds one new
+        position at a time, which then attends to every cached one)."""
         B, S, _ = hidden_states.shape
         H, Hkv = self.num_heads, self.num_key_value_heads
         qkv = self.qkv_proj(hidden_states).view(B, S, H + 2 * Hkv, self.head_dim)
@@ -259,23 +323,39 @@ class Attention(nn.Module):
         if cos_sin is not None:
             qk = apply_rotary(qk, *cos_sin)  # q and k rotated in one pass
         q, k = qk[:, :, :H], qk[:, :, H:]
+        if cache is not None:
+            if "k" in cache:
+                k = torch.cat((cache["k"], k), dim=1)
+                v = torch.cat((cache["v"], v), dim=1)
+            cache["k"], cache["v"] = k, v
+            if S != 1 and k.shape[1] != S:
+                raise ValueError("cached attention takes one new position at a time after the first call")
+        return self.o_proj(self.attend(q, k, v, causal=self.causal and S > 1, key_mask=key_mask))
 
-        backend = self._backend_for(hidden_states)
-        if backend == "flash":
-            out = _FLASH_ATTN_FUNC(q, k, v, causal=self.causal)
-            if isinstance(out, tuple):  # FA3 returns (out, lse)
-                out = out[0]
-        else:
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, d]
-            if Hkv != H:
-                k = k.repeat_interleave(H // Hkv, dim=1)
-                v = v.repeat_interleave(H // Hkv, dim=1)
-            if backend == "math":
-                out = math_attention(q, k, v, causal=self.causal)
-            else:  # same default scale 1/sqrt(d) as flash-attn
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
-            out = out.transpose(1, 2)
-        return self.o_proj(out.reshape(B, S, H * self.head_dim))
+
+class CrossAttention(_AttentionBase):
+    """Queries from the hidden states, keys and values from a memory [B, M, D] (no RoPE, never causal).
+    Projections q_proj, kv_proj ([k heads | v heads]), o_proj; the memory's k, v are computed once
+    (`project_memory`) and reused for every decoded position."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_key_value_heads: int,
+                 backend: str = "auto", generator: Optional[torch.Generator] = None):
+        super().__init__(head_dim, num_heads, num_key_value_heads, False, backend)
+        self.q_proj = CastedLinear(hidden_size, num_heads * head_dim, bias=False, generator=generator)
+        self.kv_proj = CastedLinear(hidden_size, 2 * num_key_value_heads * head_dim, bias=False, generator=generator)
+        self.o_proj = CastedLinear(num_heads * head_dim, hidden_size, bias=False, generator=generator)
+
+    def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """memory [B, M, D] -> k, v [B, M, Hkv, d]."""
+        B, M, _ = memory.shape
+        kv = self.kv_proj(memory).view(B, M, 2 * self.num_key_value_heads, self.head_dim)
+        return kv[:, :, :self.num_key_value_heads], kv[:, :, self.num_key_value_heads:]
+
+    def forward(self, hidden_states: torch.Tensor, memory_kv: tuple[torch.Tensor, torch.Tensor],
+                memory_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, S, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(B, S, self.num_heads, self.head_dim)
+        return self.o_proj(self.attend(q, *memory_kv, causal=False, key_mask=memory_mask))
 
 
 # ----------------------------------------------------------------------------------------------
