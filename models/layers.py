@@ -372,24 +372,31 @@ class PostNormBlock(nn.Module):
     the originals'."""
 
     def __init__(self, hidden_size: int, num_heads: int, expansion: float, norm_eps: float,
-                 attn_backend: str = "auto", mlp_t_len: int = 0, generator: Optional[torch.Generator] = None):
+                 attn_backend: str = "auto", mlp_t_len: int = 0, generator: Optional[torch.Generator] = None,
+                 swiglu_multiple_of: int = 256):
         super().__init__()
         self.use_mlp_t = mlp_t_len > 0
         if self.use_mlp_t:
-            self.mlp_t = SwiGLU(mlp_t_len, expansion, generator=generator)
+            self.mlp_t = SwiGLU(mlp_t_len, expansion, generator=generator, multiple_of=swiglu_multiple_of)
         else:
             self.self_attn = Attention(hidden_size, hidden_size // num_heads, num_heads, num_heads, causal=False,
                                        backend=attn_backend, generator=generator)
-        self.mlp = SwiGLU(hidden_size, expansion, generator=generator)
+        self.mlp = SwiGLU(hidden_size, expansion, generator=generator, multiple_of=swiglu_multiple_of)
         self.norm_eps = norm_eps
 
-    def mix_tokens(self, hidden_states: torch.Tensor, cos_sin: Optional[CosSin] = None) -> torch.Tensor:
-        """The first half of the block: h = rms(h + mixer(h)) over [B, S, D]."""
+    def mix_tokens(self, hidden_states: torch.Tensor, cos_sin: Optional[CosSin] = None,
+                   key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The first half of the block: h = rms(h + mixer(h)) over [B, S, D]. key_mask [B, S] (True =
+        attend): the LM's padded prompts; mlp_t, which mixes fixed positions, takes none."""
         if self.use_mlp_t:  # cos_sin is unused: positions are baked into the mlp_t weights
+            if key_mask is not None:
+                raise ValueError("the mlp_t mixer takes no key padding mask")
             h = hidden_states.transpose(1, 2)  # [B, D, S]
             return rms_norm(h + self.mlp_t(h), self.norm_eps).transpose(1, 2)
-        return rms_norm(hidden_states + self.self_attn(hidden_states, cos_sin=cos_sin), self.norm_eps)
+        return rms_norm(hidden_states + self.self_attn(hidden_states, cos_sin=cos_sin, key_mask=key_mask),
+                        self.norm_eps)
 
-    def forward(self, hidden_states: torch.Tensor, cos_sin: Optional[CosSin] = None) -> torch.Tensor:
-        hidden_states = self.mix_tokens(hidden_states, cos_sin)
+    def forward(self, hidden_states: torch.Tensor, cos_sin: Optional[CosSin] = None,
+                key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        hidden_states = self.mix_tokens(hidden_states, cos_sin, key_mask)
         return rms_norm(hidden_states + self.mlp(hidden_states), self.norm_eps)
