@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Mapping, Optional
 
 import torch
@@ -49,12 +50,31 @@ def strip_compile_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, to
     return {k.replace(COMPILE_PREFIX, ""): v for k, v in state_dict.items()}
 
 
+def rename_legacy_keys(module: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename the keys that an earlier version of a model wrote. A submodule whose names changed lists
+    `legacy_key_renames` = ((regex, replacement), ...), applied in order to the part of each key below the
+    submodule's prefix; keys the module has today are never renamed."""
+    rules = [(prefix + "." if prefix else "", re.compile(pattern), repl)
+             for prefix, sub in module.named_modules() for pattern, repl in getattr(sub, "legacy_key_renames", ())]
+    if not rules:
+        return dict(state_dict)
+    own = module.state_dict().keys()
+    out = {}
+    for key, value in state_dict.items():
+        if key not in own:
+            for prefix, pattern, repl in rules:
+                if key.startswith(prefix):
+                    key = prefix + pattern.sub(repl, key[len(prefix):])
+        out[key] = value
+    return out
+
+
 def load_state_dict_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
     """Load `state_dict` into `module` requiring the exact same names and shapes, with or without
     the `_orig_mod.` prefix. Non-persistent buffers (RoPE tables, batch-local embedding rows) are
     not part of either side. On mismatch raise CheckpointMismatchError naming the first differing
     key (in the model's order) and both shapes."""
-    given = strip_compile_prefix(state_dict)
+    given = rename_legacy_keys(module, strip_compile_prefix(state_dict))
     expected = module.state_dict()
     for key, ref in expected.items():
         if key not in given:

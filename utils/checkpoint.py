@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from models.common import rename_legacy_keys
+
 STEP_RE = re.compile(r"^step_(\d+)$")
 WEIGHTS_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
@@ -343,7 +345,7 @@ def apply_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], sou
     puzzle-embedding table with another row count is resized: shared rows copied, new rows = the mean
     row (a neutral start for puzzles the checkpoint never saw). Returns notes on what was resized."""
     own = module.state_dict()
-    weights = strip_compile_prefix(weights)
+    weights = rename_legacy_keys(module, strip_compile_prefix(weights))
     missing = [k for k in own if k not in weights]
     extra = [k for k in weights if k not in own]
     if missing:

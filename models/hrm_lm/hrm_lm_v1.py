@@ -1,14 +1,16 @@
-"""HRM language model: a prompt encoder (Mamba2 or Transformer), an HRM core that reasons over the
-encoder's token states, a gated bridge, and a causal Transformer decoder with cross-attention.
+"""HRM language model: a prompt encoder (Mamba2 or Transformer), an HRM (or TRM) core that reasons over
+the encoder's token states, a gated bridge, and a causal Transformer decoder with cross-attention.
 
 Data flow for one example (B = batch, Lp = prompt length, Lt = target length, D = hidden size):
 
     encoder_ids [B,Lp] --embed, encoder--> e [B,Lp,D]                        (sees the prompt only)
     x = W_in e; z_H, z_L [B,Lp,D] <- H_init, L_init
-    for segment s = 1..halt_max_steps:                                       (HRM, as in the puzzle model)
-        H_cycles x L_cycles updates   z_L <- L(z_L, z_H + x),  z_H <- H(z_H, z_L)
-        (only the last L and H update of a segment is differentiated; the carry is detached between
-         segments), halting probability p_s = sigmoid(w . mean_valid(z_H))
+    for segment s = 1..halt_max_steps:                                   (models/recursion.py, arch.core)
+        H_cycles x (L_cycles updates z_L <- f_L(z_L, z_H + x), then z_H <- f_H(z_H, z_L))
+          core=hrm: f_L, f_H two modules; only the last f_L and f_H update is differentiated (1-step grad)
+          core=trm: f_L = f_H one network (L_level; TRM's y = z_H, z = z_L); the whole last outer cycle
+                    is differentiated, earlier cycles run without grad
+        the carry is detached between segments; halting probability p_s = sigmoid(w . mean_valid(z_H))
     g = gate_scale * sigmoid(W_g z_H)          [B,Lp,1] (per token) or [B,Lp,D] (per channel)
     memory = [null ; e ; g * h + (1 - g) * m_null],  h = m_null + W_m z_H     [B, 1 + 2Lp, D]
              (= m_null + g * W_m z_H: the HRM states are projected with the null memory as their bias)
@@ -36,121 +38,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.hrm_lm.moe import MoEFeedForward
+from models.layers import ATTN_BACKENDS, Attention, CastedLinear, CrossAttention, PostNormBlock, RotaryEmbedding, SwiGLU
+from models.recursion import RECURSIONS, ReasoningModule
 from utils.schema import ConfigError, from_dict
 
 log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------------
-# Blocks
+# Blocks: the shared ones (models/layers.py) with the LM's choices; the HRM/TRM core is models/recursion.py
 # ---------------------------------------------------------------------------------------------------
 
-def rms_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """RMSNorm without gain (the HRM core's post-norm), computed in fp32."""
-    dtype = x.dtype
-    x = x.float()
-    return (x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)).to(dtype)
-
-
-def linear(d_in: int, d_out: int, bias: bool = False) -> nn.Linear:
-    """nn.Linear; its weights are drawn later by HRMLanguageModel.reset_parameters (seeded generator)."""
-    return nn.Linear(d_in, d_out, bias=bias)
+# The LM rounds its SwiGLU width up to a multiple of 32 (the puzzle HRM: 256); its checkpoints' shapes depend on it.
+SWIGLU_MULTIPLE_OF = 32
 
 
 def lecun_normal_(w: torch.Tensor, fan_in: int, generator: torch.Generator) -> torch.Tensor:
-    """Truncated (+-2 std) normal with std 1/sqrt(fan_in): the HRM init convention."""
+    """Truncated (+-2 std) normal with std 1/sqrt(fan_in), not rescaled after truncation (torch's
+    trunc_normal_; the puzzle HRM's trunc_normal_init_ rescales): the LM's init since its first version."""
     std = 1.0 / math.sqrt(fan_in)
     return nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std, generator=generator)
 
 
-class Rotary(nn.Module):
-    """RoPE with the half-split convention; angles computed on the fly for the positions asked for."""
-
-    def __init__(self, head_dim: int, base: float = 10000.0):
-        super().__init__()
-        self.register_buffer("inv_freq", base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim),
-                             persistent=False)
-
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = torch.outer(positions.float(), self.inv_freq)  # [L, d/2]
-        emb = torch.cat([freqs, freqs], dim=-1)  # [L, d]
-        return emb.cos(), emb.sin()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, L, d]; cos/sin [L, d]."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated * sin).to(x.dtype)
-
-
-def key_padding_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """[B, Lk] bool (True = attend) -> SDPA mask [B, 1, 1, Lk]."""
-    return None if mask is None else mask[:, None, None, :]
-
-
-class SelfAttention(nn.Module):
-    def __init__(self, d_model: int, num_heads: int, causal: bool):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = d_model // num_heads
-        self.causal = causal
-        self.qkv = linear(d_model, 3 * d_model)
-        self.o = linear(d_model, d_model)
-
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                mask: torch.Tensor | None = None, cache: dict | None = None) -> torch.Tensor:
-        """x [B, L, D]. mask [B, L] (keys, non-causal only). cache: {"k","v"} [B, H, T, d] of earlier
-        positions (decoder generation: L = 1, so no causal mask is needed for the new query)."""
-        B, L, D = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        if cache is not None:
-            if "k" in cache:
-                k = torch.cat([cache["k"], k], dim=2)
-                v = torch.cat([cache["v"], v], dim=2)
-            cache["k"], cache["v"] = k, v
-            if L != 1 and k.shape[2] != L:
-                raise ValueError("cached attention takes one new position at a time")
-        is_causal = self.causal and L > 1
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if is_causal else key_padding_mask(mask),
-                                             is_causal=is_causal)
-        return self.o(out.transpose(1, 2).reshape(B, L, D))
-
-
-class CrossAttention(nn.Module):
-    def __init__(self, d_model: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = d_model // num_heads
-        self.q = linear(d_model, d_model)
-        self.kv = linear(d_model, 2 * d_model)
-        self.o = linear(d_model, d_model)
-
-    def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """memory [B, M, D] -> k, v [B, H, M, d]; computed once per prompt during generation."""
-        B, M, _ = memory.shape
-        k, v = self.kv(memory).view(B, M, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return k, v
-
-    def forward(self, x: torch.Tensor, memory_kv: tuple[torch.Tensor, torch.Tensor], memory_mask: torch.Tensor):
-        B, L, D = x.shape
-        q = self.q(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, *memory_kv, attn_mask=key_padding_mask(memory_mask))
-        return self.o(out.transpose(1, 2).reshape(B, L, D))
-
-
-class SwiGLU(nn.Module):
-    def __init__(self, d_model: int, expansion: float):
-        super().__init__()
-        inter = int(math.ceil(expansion * d_model * 2 / 3 / 32) * 32)
-        self.gate_up = linear(d_model, 2 * inter)
-        self.down = linear(inter, d_model)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+def self_attention(cfg: "HRMLanguageModelConfig", causal: bool) -> Attention:
+    D, H = cfg.hidden_size, cfg.num_heads
+    return Attention(D, D // H, H, H, causal=causal, backend=cfg.attn_backend)
 
 
 class FeedForward(nn.Module):
@@ -163,7 +75,7 @@ class FeedForward(nn.Module):
             self.ffn = MoEFeedForward(D, cfg.moe_num_experts, cfg.moe_top_k, cfg.moe_capacity_factor,
                                       cfg.moe_ff_multiplier, cfg.moe_dropout)
         else:
-            self.ffn = SwiGLU(D, cfg.expansion)
+            self.ffn = SwiGLU(D, cfg.expansion, multiple_of=SWIGLU_MULTIPLE_OF)
 
     def forward(self, x, mask, generator=None):
         if isinstance(self.ffn, MoEFeedForward):
@@ -179,12 +91,12 @@ class TransformerEncoderBlock(nn.Module):
         super().__init__()
         D = cfg.hidden_size
         self.norm1 = nn.RMSNorm(D, eps=cfg.rms_norm_eps)
-        self.attn = SelfAttention(D, cfg.num_heads, causal=False)
+        self.attn = self_attention(cfg, causal=False)
         self.norm2 = nn.RMSNorm(D, eps=cfg.rms_norm_eps)
         self.ffn = FeedForward(cfg)
 
     def forward(self, x, mask, rope, generator=None):
-        x = x + self.attn(self.norm1(x), rope, mask)
+        x = x + self.attn(self.norm1(x), rope, key_mask=mask)
         y, aux, drop = self.ffn(self.norm2(x), mask, generator)
         return x + y, aux, drop
 
@@ -234,7 +146,7 @@ class PromptEncoder(nn.Module):
         else:
             self.layers = nn.ModuleList(TransformerEncoderBlock(cfg) for _ in range(cfg.encoder_layers))
             self.backend = "transformer"
-            self.rotary = Rotary(cfg.hidden_size // cfg.num_heads, cfg.rope_theta)
+            self.rotary = RotaryEmbedding(cfg.hidden_size // cfg.num_heads, 0, cfg.rope_theta)
         if cfg.encoder_ffn == "moe":
             self.backend += f"+moe(E={cfg.moe_num_experts},k={cfg.moe_top_k})"
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
@@ -252,48 +164,28 @@ class PromptEncoder(nn.Module):
         return self.norm(x) * mask.unsqueeze(-1).to(x.dtype), aux_total / n, drop_total / n
 
 
-class HRMBlock(nn.Module):
-    """The puzzle HRM's post-norm block: h = norm(h + attn(h)); h = norm(h + mlp(h)); bidirectional."""
-
-    def __init__(self, cfg: "HRMLanguageModelConfig"):
-        super().__init__()
-        self.eps = cfg.rms_norm_eps
-        self.attn = SelfAttention(cfg.hidden_size, cfg.num_heads, causal=False)
-        self.mlp = SwiGLU(cfg.hidden_size, cfg.expansion)
-
-    def forward(self, h, mask, rope):
-        h = rms_norm(h + self.attn(h, rope, mask), self.eps)
-        return rms_norm(h + self.mlp(h), self.eps)
-
-
-class ReasoningModule(nn.Module):
-    def __init__(self, cfg: "HRMLanguageModelConfig", num_layers: int):
-        super().__init__()
-        self.layers = nn.ModuleList(HRMBlock(cfg) for _ in range(num_layers))
-
-    def forward(self, h, injection, mask, rope):
-        h = h + injection
-        for layer in self.layers:
-            h = layer(h, mask, rope)
-        return h
+def reasoning_module(cfg: "HRMLanguageModelConfig", num_layers: int) -> ReasoningModule:
+    """The puzzle HRM's post-norm blocks (bidirectional attention over the prompt's token states)."""
+    return ReasoningModule([PostNormBlock(cfg.hidden_size, cfg.num_heads, cfg.expansion, cfg.rms_norm_eps,
+                                          attn_backend=cfg.attn_backend, swiglu_multiple_of=SWIGLU_MULTIPLE_OF)
+                            for _ in range(num_layers)])
 
 
 class DecoderBlock(nn.Module):
     def __init__(self, cfg: "HRMLanguageModelConfig"):
         super().__init__()
-        D = cfg.hidden_size
+        D, H = cfg.hidden_size, cfg.num_heads
         self.norm1 = nn.RMSNorm(D, eps=cfg.rms_norm_eps)
-        self.self_attn = SelfAttention(D, cfg.num_heads, causal=True)
+        self.self_attn = self_attention(cfg, causal=True)
         self.norm2 = nn.RMSNorm(D, eps=cfg.rms_norm_eps)
-        self.cross_attn = CrossAttention(D, cfg.num_heads)
+        self.cross_attn = CrossAttention(D, D // H, H, H, backend=cfg.attn_backend)
         self.norm3 = nn.RMSNorm(D, eps=cfg.rms_norm_eps)
-        self.mlp = SwiGLU(D, cfg.expansion)
+        self.mlp = SwiGLU(D, cfg.expansion, multiple_of=SWIGLU_MULTIPLE_OF)
 
     def forward(self, x, rope, memory_kv, memory_mask, cache=None):
         x = x + self.self_attn(self.norm1(x), rope, cache=cache)
         x = x + self.cross_attn(self.norm2(x), memory_kv, memory_mask)
         return x + self.mlp(self.norm3(x))
-
 
 # ---------------------------------------------------------------------------------------------------
 # Config
@@ -317,6 +209,7 @@ class HRMLanguageModelConfig:
     expansion: float = 4.0
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
+    attn_backend: str = "auto"  # auto | sdpa | math (models/layers.py)
 
     # Encoder over the prompt
     encoder: str = "mamba2"  # mamba2 | transformer
@@ -335,7 +228,9 @@ class HRMLanguageModelConfig:
     moe_dropout: float = 0.0
     moe_aux_loss_weight: float = 0.01
 
-    # HRM core
+    # Reasoning core: hrm = two modules (L_level, H_level), 1-step gradient; trm = one network (L_level,
+    # L_layers blocks; H_layers unused), last outer cycle fully backpropagated.
+    core: str = "hrm"
     H_layers: int = 2
     L_layers: int = 2
     H_cycles: int = 2
@@ -383,6 +278,14 @@ def validate_config(c: HRMLanguageModelConfig) -> None:
         bad("moe_top_k", f"must be in [1, moe_num_experts={c.moe_num_experts}], got {c.moe_top_k}")
     if c.halt_objective not in ("improvement", "sum_target"):
         bad("halt_objective", f"must be 'improvement' or 'sum_target', got {c.halt_objective!r}")
+    if c.core not in RECURSIONS:
+        bad("core", f"must be one of {', '.join(RECURSIONS)}, got {c.core!r}")
+    if c.attn_backend not in ATTN_BACKENDS or c.attn_backend == "flash":
+        # flash-attn takes no key padding mask and the prompts are padded; auto still uses it for the
+        # decoder's (unpadded, causal) self-attention on CUDA.
+        allowed = ", ".join(b for b in ATTN_BACKENDS if b != "flash")
+        bad("attn_backend", f"must be one of {allowed} (flash-attn takes no padding mask; 'auto' uses it where "
+            f"no mask is needed), got {c.attn_backend!r}")
     if c.gate_mode not in ("token", "channel"):
         bad("gate_mode", f"must be 'token' or 'channel', got {c.gate_mode!r}")
     for key in ("H_cycles", "L_cycles", "halt_max_steps", "H_layers", "L_layers", "decoder_layers"):
@@ -398,6 +301,11 @@ def validate_config(c: HRMLanguageModelConfig) -> None:
 
 class HRMLanguageModel(nn.Module):
     config_class = HRMLanguageModelConfig
+    # Checkpoints written before the LM moved onto the shared blocks (models/layers.py, 2026-12) name the
+    # same tensors attn.qkv/o, cross_attn.q/kv/o, mlp.gate_up/down and, in the core, layers.<i>.attn;
+    # models.common.rename_legacy_keys maps them to today's names when a checkpoint loads.
+    legacy_key_renames = ((r"^((?:L|H)_level\.layers\.\d+\.)attn\.", r"\1self_attn."),
+                          (r"\.(qkv|o|q|kv|gate_up|down)\.weight$", r".\1_proj.weight"))
 
     def __init__(self, config_dict: dict, generator: torch.Generator | None = None):
         super().__init__()
@@ -413,19 +321,20 @@ class HRMLanguageModel(nn.Module):
             self.embed_tokens = nn.Embedding(cfg.vocab_size, D)
             self.encoder = PromptEncoder(cfg)
 
-            # HRM core
-            self.rotary = Rotary(D // cfg.num_heads, cfg.rope_theta)
-            self.hrm_in = linear(D, D)
-            self.L_level = ReasoningModule(cfg, cfg.L_layers)
-            self.H_level = ReasoningModule(cfg, cfg.H_layers)
+            # HRM / TRM core (RoPE tables computed for the positions asked for: prompts have no fixed length)
+            self.rotary = RotaryEmbedding(D // cfg.num_heads, 0, cfg.rope_theta)
+            self.hrm_in = CastedLinear(D, D, bias=False)
+            self.L_level = reasoning_module(cfg, cfg.L_layers)
+            if cfg.core == "hrm":
+                self.H_level = reasoning_module(cfg, cfg.H_layers)
             # Fixed (untrained) initial states, persistent so a checkpoint reproduces the same trajectory.
             self.register_buffer("H_init", torch.empty(D))
             self.register_buffer("L_init", torch.empty(D))
-            self.halt_head = linear(D, 1, bias=True)
+            self.halt_head = CastedLinear(D, 1, bias=True)
 
             # Gated bridge
-            self.gate_proj = linear(D, 1 if cfg.gate_mode == "token" else D, bias=True)
-            self.hrm_out = linear(D, D)
+            self.gate_proj = CastedLinear(D, 1 if cfg.gate_mode == "token" else D, bias=True)
+            self.hrm_out = CastedLinear(D, D, bias=False)
             self.hrm_null = nn.Parameter(torch.empty(D))  # what a closed gate passes on
             self.memory_null = nn.Parameter(torch.empty(D))  # always-valid memory slot
             self.register_buffer("gate_scale", torch.tensor(0.0 if cfg.hrm_gate_warmup_steps > 0 else 1.0))
@@ -433,7 +342,7 @@ class HRMLanguageModel(nn.Module):
             # Decoder
             self.decoder_layers = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.decoder_layers))
             self.decoder_norm = nn.RMSNorm(D, eps=cfg.rms_norm_eps)
-            self.lm_head = linear(D, cfg.vocab_size)
+            self.lm_head = CastedLinear(D, cfg.vocab_size, bias=False)
         self.reset_parameters(generator)
         log.info("HRMLanguageModel encoder backend: %s", self.encoder.backend)
 
@@ -453,8 +362,8 @@ class HRMLanguageModel(nn.Module):
             if isinstance(module, MoEFeedForward) or type(module).__name__ == "Mamba2":
                 module.reset_parameters(generator)  # owns its children's init
                 return
-            if isinstance(module, nn.Linear):
-                lecun_normal_(module.weight, module.in_features, generator)
+            if isinstance(module, (nn.Linear, CastedLinear)):
+                lecun_normal_(module.weight, module.weight.shape[1], generator)
                 if module.bias is not None:
                     module.bias.zero_()
             elif isinstance(module, nn.Embedding):
@@ -527,23 +436,21 @@ class HRMLanguageModel(nn.Module):
         shape = x.shape
         return self.H_init.to(x.dtype).expand(shape).clone(), self.L_init.to(x.dtype).expand(shape).clone()
 
-    def hrm_segment(self, z_H, z_L, x, mask, rope):
-        """One segment: H_cycles*L_cycles L-updates and H_cycles H-updates; only the last L and H update
-        carry gradient (HRM's 1-step approximation). Inputs must be detached carries."""
+    def reason_segment(self, z_H, z_L, x, mask, rope):
+        """One segment of the configured core (arch.core, models/recursion.py) over the prompt positions.
+        Inputs must be detached carries."""
         c = self.config
         self.num_segment_calls += 1
         self.num_segment_rows += z_H.shape[0]
-        with torch.no_grad():
-            for i in range(c.H_cycles):
-                for j in range(c.L_cycles):
-                    if i == c.H_cycles - 1 and j == c.L_cycles - 1:
-                        break
-                    z_L = self.L_level(z_L, z_H + x, mask, rope)
-                if i != c.H_cycles - 1:
-                    z_H = self.H_level(z_H, z_L, mask, rope)
-        z_L = self.L_level(z_L, z_H + x, mask, rope)
-        z_H = self.H_level(z_H, z_L, mask, rope)
-        return z_H, z_L
+        f_H = self.H_level if c.core == "hrm" else self.L_level  # TRM: one network for both updates
+
+        def L_step(z_L, z_H, x):
+            return self.L_level(z_L, z_H + x, cos_sin=rope, key_mask=mask)
+
+        def H_step(z_H, z_L):
+            return f_H(z_H, z_L, cos_sin=rope, key_mask=mask)
+
+        return RECURSIONS[c.core](z_H, z_L, x, L_step, H_step, c.H_cycles, c.L_cycles)
 
     def halt_prob(self, z_H: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         w = mask.unsqueeze(-1).to(z_H.dtype)
@@ -611,7 +518,7 @@ class HRMLanguageModel(nn.Module):
         z_H, z_L = self.initial_state(enc)
         segment_logits, halt_probs = [], []
         for s in range(c.halt_max_steps):
-            z_H, z_L = self.hrm_segment(z_H.detach(), z_L.detach(), x, key_mask, rope)
+            z_H, z_L = self.reason_segment(z_H.detach(), z_L.detach(), x, key_mask, rope)
             halt_probs.append(self.halt_prob(z_H, key_mask))
             last = s == c.halt_max_steps - 1
             if last or c.ds_weight > 0 or c.halt_objective == "improvement":
@@ -641,7 +548,7 @@ class HRMLanguageModel(nn.Module):
         active = torch.arange(B, device=enc.device)
         for s in range(c.halt_max_steps):
             m = key_mask[active]
-            h, l = self.hrm_segment(z_H[active], z_L[active], x[active], m, rope)
+            h, l = self.reason_segment(z_H[active], z_L[active], x[active], m, rope)
             p = self.halt_prob(h, m)
             z_H[active], z_L[active] = h, l
             halt_probs[active, s] = p
@@ -693,8 +600,9 @@ class HRMLanguageModel(nn.Module):
 
     def estimate_flops(self, batch_size: int) -> float:
         """Rough FLOPs of one training step: 6 * params * tokens for the encoder and decoder (fwd + bwd),
-        plus, per segment, 2 FLOPs/param/token forward for the no-grad HRM updates and 6 for the two
-        differentiated ones. Attention score FLOPs are ignored. Token counts use seq_len for both sides."""
+        plus, per segment, 2 FLOPs/param/token forward for the no-grad core updates and 6 for the
+        differentiated ones (hrm: the last L and H update; trm: the last outer cycle's L_cycles + 1).
+        Attention score FLOPs are ignored. Token counts use seq_len for both sides."""
         c = self.config
         L = max(c.seq_len, 1)
 
@@ -703,10 +611,16 @@ class HRMLanguageModel(nn.Module):
 
         enc = params(self.encoder) + params(self.embed_tokens)
         dec = params(self.decoder_layers) + params(self.lm_head)
-        per_L, per_H = params(self.L_level), params(self.H_level)
-        nograd = (c.H_cycles * c.L_cycles - 1) * per_L + (c.H_cycles - 1) * per_H
+        per_L = params(self.L_level)
+        per_H = params(self.H_level) if c.core == "hrm" else per_L
+        if c.core == "hrm":
+            nograd = (c.H_cycles * c.L_cycles - 1) * per_L + (c.H_cycles - 1) * per_H
+            grad = per_L + per_H
+        else:
+            nograd = (c.H_cycles - 1) * (c.L_cycles + 1) * per_L
+            grad = (c.L_cycles + 1) * per_L
         dec_passes = c.halt_max_steps if c.ds_weight > 0 else 1
-        per_token = 6 * enc + dec_passes * 6 * dec + c.halt_max_steps * (2 * nograd + 6 * (per_L + per_H))
+        per_token = 6 * enc + dec_passes * 6 * dec + c.halt_max_steps * (2 * nograd + 6 * grad)
         return float(per_token * L * batch_size)
 
 
