@@ -34,11 +34,11 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models.hrm_lm.moe import MoEFeedForward
-from models.layers import ATTN_BACKENDS, Attention, CastedLinear, CrossAttention, PostNormBlock, RotaryEmbedding, SwiGLU
+from models.layers import (ATTN_BACKENDS, Attention, CastedLinear, CrossAttention, PostNormBlock, RotaryEmbedding,
+                           SwiGLU)
 from models.recursion import RECURSIONS, ReasoningModule
 from utils.schema import ConfigError, from_dict
 
