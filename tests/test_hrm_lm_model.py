@@ -458,3 +458,19 @@ def test_checkpoints_with_the_lm_s_earlier_names_still_load():
         other = tiny(seed=1).eval()
         load(other, {"_orig_mod." + k: v for k, v in legacy.items()})
         torch.testing.assert_close(fwd(other, batch)["logits"], ref, rtol=0, atol=0)
+
+
+def test_core_trm_from_the_command_line(repo_root):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from utils.config import validate_arch
+    from utils.modeling import build_head
+
+    with initialize_config_dir(config_dir=str(repo_root / "config"), version_base="1.3"):
+        cfg = compose("cfg_pretrain", overrides=["arch=hrm_lm_mamba", "arch.core=trm", "arch.hidden_size=32",
+                                                 "arch.num_heads=1"])
+    arch = OmegaConf.to_container(cfg.arch, resolve=True)
+    validate_arch(arch)
+    head = build_head(arch, {"vocab_size": V, "seq_len": 16, "batch_size": 2, "pad_id": 0, "bos_id": 1, "eos_id": 2})
+    assert head.model.config.core == "trm" and not hasattr(head.model, "H_level")
