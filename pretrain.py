@@ -22,10 +22,16 @@ from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+if __name__ == "__main__":
+    # Before the heavy imports (torch takes 3-25 s): --help, --cfg job and every config error answer in
+    # about a second. utils/cli.py imports only Hydra, OmegaConf and the schema.
+    from utils.cli import preflight
+    sys.argv = preflight(sys.argv, __doc__)
+
 import torch
 
 from utils import checkpoint as ckpt
-from utils.config import INJECTED_ARCH_KEYS, PretrainConfig, build_config, default_names, preflight_overrides
+from utils.config import INJECTED_ARCH_KEYS, PretrainConfig, build_config, default_names
 from utils.data import batches_per_epoch, data_errors, make_dataset, make_loader, validate_dataset
 from utils.distributed import (DistInfo, all_gather_object, all_reduce_grads, barrier, broadcast_module_state,
                                broadcast_object, init_distributed, shutdown_distributed)
@@ -92,12 +98,13 @@ class Run:
 # the loop
 
 
-def train(cfg: PretrainConfig, group: Optional[str] = None) -> dict:
-    """Train to the end (or max_steps / early stop). Returns the last eval metrics + a summary."""
+def train(cfg: PretrainConfig, group: Optional[str] = None, arch_choice: Optional[str] = None) -> dict:
+    """Train to the end (or max_steps / early stop). Returns the last eval metrics + a summary.
+    arch_choice (hrm_v1_gated, ...) names default run names; the model class name otherwise."""
     info = init_distributed(cfg.device)
     held: list = []
     try:
-        run = setup_run(cfg, info, group, held)
+        run = setup_run(cfg, info, group, held, arch_choice)
     except BaseException:
         for lock in held:
             lock.release(failed=True)  # and remove the run dir if this start created it and it is still empty
@@ -533,7 +540,8 @@ def detect_peak_flops(device: torch.device) -> Optional[float]:
 # set-up
 
 
-def setup_run(cfg: PretrainConfig, info: DistInfo, group: Optional[str], held: Optional[list] = None) -> Run:
+def setup_run(cfg: PretrainConfig, info: DistInfo, group: Optional[str], held: Optional[list] = None,
+              arch_choice: Optional[str] = None) -> Run:
     """Everything before the first step, with every user error raised before any training work. The run dir
     lock taken here is appended to `held` at once, so that the caller releases it if set-up fails."""
     world, accum = info.world_size, cfg.grad_accum_steps
@@ -569,7 +577,7 @@ def setup_run(cfg: PretrainConfig, info: DistInfo, group: Optional[str], held: O
 
     # Names: rank 0 decides (random slug), every rank uses the same.
     model_name = type(inner_model(head)).__name__
-    project, run_name, run_dir = broadcast_object(default_names(cfg, model_name) if info.is_main else None, info)
+    project, run_name, run_dir = broadcast_object(default_names(cfg, model_name, arch_choice=arch_choice) if info.is_main else None, info)
     cfg = dataclasses.replace(cfg, project_name=project, run_name=run_name, checkpoint_path=run_dir)
     error, lock = None, None
     if info.is_main:
@@ -693,9 +701,10 @@ def launch(dict_cfg) -> dict:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
     raw = OmegaConf.to_container(dict_cfg, resolve=True)
-    group, job = None, None
+    group, job, arch_choice = None, None, None
     try:
         hc = HydraConfig.get()
+        arch_choice = hc.runtime.choices.get("arch")
         if hc.mode is not None and hc.mode.name == "MULTIRUN":
             group = "sweep-" + os.path.basename(os.path.normpath(hc.sweep.dir))
             job = hc.job.num
@@ -706,7 +715,7 @@ def launch(dict_cfg) -> dict:
         if job is not None:
             cfg = per_job_run_dir(cfg, job)
         group = cfg.wandb_group or group
-        return train(cfg, group=group)
+        return train(cfg, group=group, arch_choice=arch_choice)
     except user_errors() as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
@@ -736,13 +745,6 @@ def main() -> None:
     # choice still reach the console, from rank 0 only.
     logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
                         format="%(message)s")
-    if any(a in ("-h", "--help") for a in sys.argv[1:]):
-        print(__doc__)
-    try:
-        preflight_overrides(sys.argv[1:])
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     config_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")
     hydra.main(config_path=config_dir, config_name="cfg_pretrain", version_base="1.3")(launch)()
 

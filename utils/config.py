@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from utils import model_schema
 from utils.functions import load_model_class
 from utils.schema import ConfigError, check_keys, closest_key, field_names, from_dict
 
@@ -82,7 +83,7 @@ class PretrainConfig:
     max_eval_batches: Optional[int] = None
     eval_batch_size: Optional[int] = None   # global; default = global_batch_size
     eval_split: str = "test"
-    logger: str = "wandb"                   # wandb | jsonl | none (jsonl is always written by wandb too)
+    logger: str = "auto"                    # auto | wandb | jsonl | none (jsonl is always written by wandb too)
     wandb_group: Optional[str] = None       # default: one group per multirun sweep
     max_steps: Optional[int] = None         # stop (with a checkpoint) after this many steps
     nonfinite_loss: str = "stop"            # stop | skip
@@ -95,7 +96,7 @@ class PretrainConfig:
 CHOICES = {
     "mixed_precision": ("none", "bf16"),
     "device": ("auto", "cpu", "cuda"),
-    "logger": ("wandb", "jsonl", "none"),
+    "logger": ("auto", "wandb", "jsonl", "none"),
     "nonfinite_loss": ("stop", "skip"),
 }
 
@@ -166,7 +167,13 @@ def build_config(raw: dict) -> PretrainConfig:
     if cfg.save_best.mode not in ("max", "min"):
         raise ConfigError(f"config key 'save_best.mode' must be max or min; got {cfg.save_best.mode!r}")
     check_bounds(cfg)
-    validate_arch(cfg.arch)
+    if cfg.logger == "wandb":
+        from utils.logger import wandb_blocker
+        blocker = wandb_blocker()
+        if blocker:
+            raise ConfigError(f"logger=wandb, but W&B cannot log: {blocker}. Run `wandb login`, set WANDB_API_KEY, "
+                              "or WANDB_MODE=offline to log locally; logger=auto falls back to metrics.jsonl")
+    check_arch(cfg.arch)
     return cfg
 
 
@@ -175,14 +182,38 @@ def loss_head_keys(loss_cls: type) -> list[str]:
     return [p for p in params if p not in ("self", "model") and params[p].kind not in (inspect.Parameter.VAR_POSITIONAL,)]
 
 
-def validate_arch(arch: dict) -> tuple[type, type]:
-    """Check every arch key against the model's `config_class` and the loss head's constructor.
-
-    Returns (model class, loss-head class)."""
+def _require_arch_names(arch: dict) -> None:
     if "name" not in arch:
         raise ConfigError("config key 'arch.name' is required (e.g. hrm.hrm_act_v1@HierarchicalReasoningModel_ACTV1)")
     if "loss" not in arch or not isinstance(arch["loss"], dict) or "name" not in arch["loss"]:
         raise ConfigError("config key 'arch.loss.name' is required (e.g. losses@ACTLossHead)")
+
+
+def check_arch(arch: dict) -> None:
+    """validate_arch without importing the model (so without torch): the schema is read from the source
+    (utils/model_schema.py); where the source does not say, the classes are imported after all."""
+    from utils.schema import _coerce
+    _require_arch_names(arch)
+    fields = model_schema.model_config_fields(arch["name"])
+    loss = model_schema.loss_head_keys(arch["loss"]["name"])
+    if fields is None or loss is None:
+        validate_arch(arch)
+        return
+    specs = {f.name: f for f in fields}
+    model_keys = [k for k in arch if k not in ("name", "loss")]
+    check_keys(model_keys, specs, where="arch")
+    for key in model_keys:
+        _coerce(arch[key], specs[key].type, f"arch.{key}")
+    loss_keys, takes_kwargs = loss
+    if not takes_kwargs:
+        check_keys([k for k in arch["loss"] if k != "name"], loss_keys, where="arch.loss")
+
+
+def validate_arch(arch: dict) -> tuple[type, type]:
+    """Check every arch key against the model's `config_class` and the loss head's constructor.
+
+    Returns (model class, loss-head class)."""
+    _require_arch_names(arch)
     model_cls = load_model_class(arch["name"])
     loss_cls = load_model_class(arch["loss"]["name"])
     model_keys = [k for k in arch if k not in ("name", "loss")]
@@ -323,33 +354,35 @@ def _unknown(key: str, valid: list[str], where: str) -> str:
 
 def _check_arch_override(parts: list[str], arch_yaml: dict) -> None:
     try:
-        model_cls = load_model_class(arch_yaml["name"])
-        loss_cls = load_model_class(arch_yaml["loss"]["name"])
-    except (ConfigError, KeyError):
+        fields = model_schema.model_config_fields(arch_yaml["name"])
+        loss = model_schema.loss_head_keys(arch_yaml["loss"]["name"])
+    except (KeyError, TypeError):
         return  # reported properly after composition
     if parts[0] == "loss":
-        if len(parts) > 1:
-            valid = ["name"] + loss_head_keys(loss_cls)
+        if len(parts) > 1 and loss is not None and not loss[1]:
+            valid = ["name"] + list(loss[0])
             if parts[1] not in valid:
                 raise ConfigError(_unknown(parts[1], valid, "arch.loss"))
         return
-    config_class = getattr(model_cls, "config_class", None)
-    if config_class is None:
+    if fields is None:
         return
-    valid = ["name", "loss"] + field_names(config_class)
+    valid = ["name", "loss"] + [f.name for f in fields]
     if parts[0] not in valid:
         raise ConfigError(_unknown(parts[0], valid, "arch"))
 
 
-def default_names(cfg: PretrainConfig, model_cls_name: str, rng_seed: int | None = None) -> tuple[str, str, str]:
-    """(project_name, run_name, checkpoint_path) with the original's defaults for the missing ones."""
-    project = cfg.project_name or f"{os.path.basename(os.path.normpath(cfg.data_path)).capitalize()} ACT-torch"
+def default_names(cfg: PretrainConfig, model_cls_name: str, rng_seed: int | None = None,
+                  arch_choice: str | None = None) -> tuple[str, str, str]:
+    """(project_name, run_name, checkpoint_path); the original's defaults for the missing ones, with '-' for
+    its spaces (they become directory names) and the arch choice (hrm_v1_gated, ...) when it is known, so
+    that the runs of an `arch=hrm_v1,hrm_v1_gated` sweep do not share one prefix."""
+    project = cfg.project_name or f"{os.path.basename(os.path.normpath(cfg.data_path)).capitalize()}-ACT-torch"
     run = cfg.run_name
     if run is None:
         import random
         import coolname
         # A private Random: the slug never touches (or depends on) the global RNG state.
         coolname.replace_random(random.Random(rng_seed))
-        run = f"{model_cls_name} {coolname.generate_slug(2)}"
+        run = f"{arch_choice or model_cls_name}-{coolname.generate_slug(2)}"
     path = cfg.checkpoint_path or os.path.join("checkpoints", project, run)
     return project, run, path

@@ -1,13 +1,49 @@
 """Metric logging on rank 0: W&B (online, WANDB_MODE=offline or disabled) plus a JSONL file in the run
-directory that always gets the same flat metrics (`train/lm_loss`, `eval/exact_accuracy`, ...)."""
+directory that always gets the same flat metrics (`train/lm_loss`, `eval/exact_accuracy`, ...).
+
+The default `logger=auto` uses W&B only when it can log (an API key, or WANDB_MODE set) and otherwise
+JSONL alone, saying so in one line: a first run without a W&B account must not end in wandb's traceback."""
 from __future__ import annotations
 
 import json
 import secrets
 import math
+import netrc
 import os
+import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+from utils.schema import ConfigError
+
+LOCAL_WANDB_MODES = ("offline", "dryrun", "disabled")
+
+
+def wandb_blocker() -> str | None:
+    """Why wandb.init would fail (no credentials for online logging), or None when it can log.
+
+    Looks where wandb 0.2x looks, without importing it: WANDB_MODE, WANDB_API_KEY / WANDB_IDENTITY_TOKEN_FILE,
+    the netrc entry for the W&B host that `wandb login` writes, and the api_key of wandb's settings file."""
+    mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if mode in LOCAL_WANDB_MODES:
+        return None
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return None
+    host = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).netloc or "api.wandb.ai"
+    candidates = [os.environ["NETRC"]] if os.environ.get("NETRC") else ["~/.netrc", "~/_netrc"]
+    for path in candidates:
+        path = os.path.expanduser(path)
+        if os.path.isfile(path):
+            try:
+                if netrc.netrc(path).authenticators(host):
+                    return None
+            except (netrc.NetrcParseError, OSError):
+                pass
+    settings = Path(os.environ.get("WANDB_CONFIG_DIR", "~/.config/wandb")).expanduser() / "settings"
+    if settings.is_file() and any(line.split("=")[0].strip() == "api_key" for line in settings.read_text().splitlines()):
+        return None
+    return f"no W&B API key for {host} (WANDB_MODE is {mode or 'unset'})"
 
 
 class MetricLogError(ValueError):
@@ -22,7 +58,8 @@ def _log_error(path: Path, e: OSError) -> MetricLogError:
 class MetricLogger:
     """`log(metrics, step)`; `close()`. A no-op on ranks other than 0.
 
-    kind: "wandb" (W&B + JSONL), "jsonl" (JSONL only) or "none" (nothing)."""
+    kind: "auto" (W&B + JSONL when W&B can log, else JSONL), "wandb" (W&B + JSONL), "jsonl" (JSONL only) or
+    "none" (nothing)."""
 
     def __init__(self, kind: str, run_dir: str | os.PathLike, *, project: str, run_name: str, config: dict,
                  group: str | None = None, is_main: bool = True, resume_step: int | None = None):
@@ -40,15 +77,33 @@ class MetricLogger:
                 pass  # fail now, not at the first log line
         except OSError as e:
             raise _log_error(self.jsonl_path, e) from None
+        if self.kind == "auto":
+            blocker = wandb_blocker()
+            self.kind = "jsonl" if blocker else "wandb"
+            if blocker:
+                print(f"logger: metrics go to {self.jsonl_path} only ({blocker}; `wandb login` or WANDB_MODE=offline "
+                      "turns W&B on)", flush=True)
         if self.kind == "wandb":
-            import wandb
-            # One W&B run per run directory: a resumed run continues the same W&B run.
-            id_file = self.run_dir / "wandb_id.txt"
-            run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
-            if not id_file.is_file():
-                id_file.write_text(run_id + "\n")
+            self._start_wandb(project, run_name, config, group, fallback=kind == "auto")
+
+    def _start_wandb(self, project: str, run_name: str, config: dict, group: str | None, fallback: bool) -> None:
+        import wandb
+        # One W&B run per run directory: a resumed run continues the same W&B run.
+        id_file = self.run_dir / "wandb_id.txt"
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+        try:
             self.wandb_run = wandb.init(project=project, name=run_name, config=config, group=group,
                                         dir=str(self.run_dir), id=run_id, resume="allow")
+        except Exception as e:  # wandb raises many types (auth, network, usage); the user needs one line
+            reason = " ".join(str(e).split())[:300] or type(e).__name__
+            if not fallback:
+                raise ConfigError(f"logger=wandb: wandb.init failed: {reason} (logger=jsonl logs to "
+                                  f"{self.jsonl_path} only)") from None
+            print(f"logger: wandb.init failed ({reason}); metrics go to {self.jsonl_path} only", file=sys.stderr, flush=True)
+            self.kind = "jsonl"
+            return
+        if not id_file.is_file():
+            id_file.write_text(run_id + "\n")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if self.kind == "none" or not metrics:
