@@ -101,6 +101,15 @@ def check_data_fits(head, meta, checkpoint: str, data_path: str, split: str, puz
                                   f"trained on (or one built with the same settings)")
 
 
+def arc_mismatch(data_path: str) -> str:
+    """What makes `data_path` not an ARC dataset, for the error message."""
+    if not (Path(data_path) / "identifiers.json").is_file():
+        return "it has no identifiers.json"
+    meta = json.loads((Path(data_path) / "train" / "dataset.json").read_text())
+    return (f"ARC has seq_len 900 (30x30 grids) and vocab_size 12; this one has seq_len {meta.get('seq_len')} and "
+            f"vocab_size {meta.get('vocab_size')}")
+
+
 def run(args: argparse.Namespace) -> dict:
     info = init_distributed(args.device)
     t0 = time.time()
@@ -119,6 +128,15 @@ def run(args: argparse.Namespace) -> dict:
                            epochs_per_iter=1, rank=info.rank, world_size=info.world_size)
     puzzle = dataset_kind(data_path) == "puzzle"
     check_data_fits(head, dataset.metadata, args.checkpoint, data_path, args.split, puzzle)
+    in_context = puzzle and is_context_dataset(data_path, args.split)
+    arc_data = puzzle and (is_arc_dataset(data_path) or in_context)
+    arc = args.arc == "true" or (args.arc == "auto" and arc_data)
+    if arc and not arc_data:
+        raise ConfigError(f"arc=true, but '{data_path}' is not an ARC dataset ({arc_mismatch(data_path)}); "
+                          "use arc=auto or false for other puzzles")
+    if info.is_main:
+        print(f"evaluating {args.checkpoint} on {data_path}/{args.split} (global batch {gbs}"
+              + (", then ARC voting)" if arc else ")"), flush=True)
     metrics, outputs = evaluate(head, make_loader(dataset, num_workers=1), info, device=info.device,
                                 mixed_precision=cfg.mixed_precision, max_batches=args.max_eval_batches,
                                 save_keys=SAVE_KEYS if puzzle else [], global_batch_size=gbs, progress=True)
@@ -133,8 +151,6 @@ def run(args: argparse.Namespace) -> dict:
         tmp = out_dir / f".tmp-predictions-{os.getpid()}.npz"
         np.savez_compressed(tmp, **outputs)
         os.replace(tmp, out_dir / "predictions.npz")
-    in_context = puzzle and is_context_dataset(data_path, args.split)
-    arc = args.arc == "true" or (args.arc == "auto" and puzzle and (is_arc_dataset(data_path) or in_context))
     if arc and outputs:
         from utils import arc_scoring
         if in_context:  # names per example, in dataset order; outputs come rank-interleaved

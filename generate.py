@@ -45,6 +45,7 @@ class GenerateConfig:
     prompt_overflow: str = "truncate"  # truncate | error
     device: str = "cpu"
     echo_prompt: bool = True  # print the prompt before the continuation
+    stop_at_eos: bool = False  # stop at the first end-of-text instead of continuing in a new window
 
 
 HELP = {
@@ -62,6 +63,8 @@ HELP = {
     "prompt_overflow": "prompt longer than the model accepts: truncate (keep the end, warn) or error",
     "device": "cpu, cuda, cuda:1, ...",
     "echo_prompt": "print the prompt before the continuation (true/false)",
+    "stop_at_eos": "stop at the model's first end-of-text; by default generation goes on in a new window "
+                   "(the model was trained on windows, each ending in EOS) until max_new_tokens",
 }
 
 
@@ -109,6 +112,12 @@ def parse_args(argv: list[str]) -> GenerateConfig:
         raise ConfigError(f"config key 'prompt_overflow' must be 'truncate' or 'error', got {cfg.prompt_overflow!r}")
     if cfg.max_new_tokens < 1 or cfg.num_samples < 1:
         raise ConfigError("config keys 'max_new_tokens' and 'num_samples' must be >= 1")
+    if not 0.0 < cfg.top_p <= 1.0:
+        raise ConfigError(f"config key 'top_p' must be in (0, 1] (1.0 = off), got {cfg.top_p}")
+    if cfg.top_k < 0:
+        raise ConfigError(f"config key 'top_k' must be >= 0 (0 = off), got {cfg.top_k}")
+    if cfg.temperature < 0:
+        raise ConfigError(f"config key 'temperature' must be >= 0 (0 = greedy), got {cfg.temperature}")
     return cfg
 
 
@@ -168,12 +177,9 @@ def run(cfg: GenerateConfig, out=sys.stdout) -> dict:
 
     text = Path(cfg.prompt_file).read_text(encoding="utf-8") if cfg.prompt_file else cfg.prompt
     ids = prepare_prompt(tok.encode(text), model.prompt_limit, cfg.prompt_overflow)
-    # An empty prompt is one padding position with mask False (the model handles prompts with no tokens).
-    enc = torch.tensor([ids or [mc.pad_id]], dtype=torch.long, device=device)
-    mask = torch.tensor([[True] * len(ids) or [False]], dtype=torch.bool, device=device)
 
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    total, t0 = 0, time.perf_counter()
+    total, windows, t0 = 0, 0, time.perf_counter()
     samples = []
     for s in range(cfg.num_samples):
         if cfg.num_samples > 1:
@@ -182,22 +188,46 @@ def run(cfg: GenerateConfig, out=sys.stdout) -> dict:
             out.write(tok.decode(ids))
         out.flush()
         stream = tok.stream_decoder()
-        new_ids = []
-        for t in model.generate(enc, mask, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                                top_p=cfg.top_p, greedy=cfg.greedy, generator=gen):
-            tid = int(t[0])
-            if tid == mc.eos_id:
+        new_ids: list[int] = []
+        prompt = ids
+        while len(new_ids) < cfg.max_new_tokens:
+            window = []
+            windows += 1
+            for tid in generate_window(model, prompt, cfg, gen, cfg.max_new_tokens - len(new_ids), device):
+                window.append(tid)
+                new_ids.append(tid)
+                out.write(stream.push(tid))
+                out.flush()
+            if cfg.stop_at_eos or not window or len(new_ids) >= cfg.max_new_tokens:
                 break
-            new_ids.append(tid)
-            out.write(stream.push(tid))
-            out.flush()
+            # The model ended its window with EOS (it was trained on fixed-length windows, so it does this
+            # after about one training continuation). Go on like a sliding window: the newest text - as many
+            # tokens as that window wrote, within the prompt limit - is the next prompt.
+            keep = min(len(window), model.prompt_limit or len(window))
+            prompt = (ids + new_ids)[-keep:]
         total += len(new_ids)
         samples.append(tok.decode(new_ids))
         out.write("\n")
         out.flush()
     seconds = time.perf_counter() - t0
     return {"samples": samples, "tokens": total, "seconds": seconds, "prompt_tokens": len(ids),
-            "hrm_segments": model.num_segment_calls}
+            "hrm_segments": model.num_segment_calls, "windows": windows}
+
+
+def generate_window(model, prompt: list[int], cfg: GenerateConfig, gen: torch.Generator, limit: int,
+                    device: torch.device) -> typing.Iterator[int]:
+    """One encoder pass over `prompt`, then decoder tokens as they come, until EOS or `limit` (EOS not
+    included)."""
+    mc = model.config
+    # An empty prompt is one padding position with mask False (the model handles prompts with no tokens).
+    enc = torch.tensor([prompt or [mc.pad_id]], dtype=torch.long, device=device)
+    mask = torch.tensor([[True] * len(prompt) or [False]], dtype=torch.bool, device=device)
+    for t in model.generate(enc, mask, limit, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                            greedy=cfg.greedy, generator=gen):
+        tid = int(t[0])
+        if tid == mc.eos_id:
+            return
+        yield tid
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,8 +243,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     rate = stats["tokens"] / max(stats["seconds"], 1e-9)
+    why = ""
+    if stats["tokens"] < cfg.max_new_tokens * cfg.num_samples:
+        why = (" (stopped at the model's end-of-text; stop_at_eos=false continues in new windows)" if cfg.stop_at_eos
+               else " (the model ended a window with end-of-text at once, so nothing more came)")
     print(f"generated {stats['tokens']} tokens from a {stats['prompt_tokens']}-token prompt in {stats['seconds']:.2f} s "
-          f"({rate:.1f} tok/s), {stats['hrm_segments']} HRM segments", file=sys.stderr)
+          f"({rate:.1f} tok/s) in {stats['windows']} window(s), {stats['hrm_segments']} HRM segments{why}", file=sys.stderr)
     return 0
 
 

@@ -85,7 +85,6 @@ class Run:
     best_value: Optional[float] = None
     evals_without_improvement: int = 0
     last_log_time: float = 0.0
-    last_print_time: float = 0.0  # plain progress lines when no progress bar is shown (logs, CI)
     last_log_step: int = 0
     bar: Any = None
     stopped_early: bool = False
@@ -133,8 +132,8 @@ def train(cfg: PretrainConfig, group: Optional[str] = None, arch_choice: Optiona
                 break
         if run.step % cfg.log_every:
             log_train_metrics(run)
-        if not run.last_eval.get("_step") == run.step and run.step >= run.total_steps:
-            run_eval(run)
+        if not run.last_eval.get("_step") == run.step and run.step >= run.stop_step:
+            run_eval(run)  # the end, by epochs or max_steps: eval_interval=null evaluates here only
         if run.last_saved_step != run.step:
             save_now(run)  # the final (or stopped-by-max_steps) state
     finally:
@@ -148,8 +147,8 @@ def train(cfg: PretrainConfig, group: Optional[str] = None, arch_choice: Optiona
     if info.is_main:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in run.last_eval.items() if k.startswith("eval/") and isinstance(v, float))
         skipped = f" ({run.skipped_steps} skipped: non-finite loss)" if run.skipped_steps else ""
-        print(f"done: {run.step} steps{skipped} in {summary['seconds']:.1f} s; {shown}; checkpoints in {run.run_dir}",
-              flush=True)
+        print(f"done: {run.step} steps{skipped} in {summary['seconds']:.1f} s; " + (f"{shown}; " if shown else "")
+              + f"checkpoints in {run.run_dir}", flush=True)
     return summary
 
 
@@ -247,9 +246,6 @@ def data_exhausted(run: Run) -> bool:
 # metrics, eval, checkpoints
 
 
-PLAIN_PROGRESS_EVERY_S = 30.0  # seconds between progress lines when there is no terminal for a bar
-
-
 def log_train_metrics(run: Run) -> None:
     """Sync the accumulated metric tensors (one collective), reduce them, log on rank 0."""
     cfg, info = run.cfg, run.info
@@ -284,14 +280,8 @@ def log_train_metrics(run: Run) -> None:
     run.logger.log(metrics, step=run.step)
     shown = {k.split("/")[-1]: metrics[k] for k in ("train/lm_loss", "train/exact_accuracy", "perf/samples_per_s")
              if k in metrics}
-    if run.bar is not None and not run.bar.disable:
-        run.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()})
-    elif info.is_main and now - run.last_print_time >= PLAIN_PROGRESS_EVERY_S:
-        # tqdm turns itself off when stderr is not a terminal (CI, nohup, cluster logs): print a line instead
-        eta = (run.stop_step - run.step) * dt / max(steps, 1)
-        print(f"step {run.step}/{run.stop_step} ({100 * run.step / max(run.stop_step, 1):.0f}%, ETA {eta:.0f} s) "
-              + " ".join(f"{k}={v:.4g}" for k, v in shown.items()), flush=True)
-        run.last_print_time = now
+    if run.bar is not None:  # a bar on a terminal; else these ride on the plain line printed every 30 s
+        run.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()})
 
 
 def check_finite(run: Run) -> None:
@@ -651,9 +641,9 @@ def setup_run(cfg: PretrainConfig, info: DistInfo, group: Optional[str], held: O
     if info.is_main:
         n_params = sum(p.numel() for p in head.parameters())
         run.logger.log({"num_params": float(n_params)}, step=run.step)
-        from tqdm import tqdm
-        run.bar = tqdm(total=run.stop_step, initial=run.step, desc=run_name, unit="step", dynamic_ncols=True,
-                       disable=None)
+        from utils.progress import Progress
+        # wall-clock progress lines every 30 s in logs, however slow a step and whatever log_every is
+        run.bar = Progress(run.stop_step, desc=run_name, unit="step", initial=run.step)
         print(f"training {model_name} ({n_params / 1e6:.2f}M params) on {cfg.data_path}: {total_steps} steps "
               f"({per_epoch}/epoch), world {world}, device {info.device}, run dir {run_dir}", flush=True)
     run.last_log_time, run.last_log_step = time.time(), run.step

@@ -101,3 +101,69 @@ def test_blank_rows_are_ignored_and_votes_beat_confidence():
     tasks = rows.vote()
     assert list(tasks) == ["dddd0004"]
     assert arc_scoring.pass_at_k(tasks)["pass@1"] == 1.0  # 2 votes beat 1 vote with higher confidence
+
+
+def test_predictions_that_crop_to_nothing_never_reach_the_submission():
+    rows = Rows()
+    inp, out = np.array([[1, 2], [3, 0]]), np.array([[2, 2], [0, 1]])
+    rows.add("eeee0005", 0, IDENT, inp, out, out, 0.0)
+    for tid in (1, 2):  # the most-voted "prediction" is an empty crop (EOS at the top-left corner)
+        rows.add("eeee0005", tid, IDENT, inp, out, out, 0.0)
+        rows.preds[-1] = np.full(900, EOS)
+    rows.add("ffff0006", 0, IDENT, inp, out, out, 0.0)
+    rows.preds[-1] = np.zeros(900, np.int64)  # only an empty candidate: the 1x1 fallback
+    tasks = rows.vote()
+    assert next(iter(tasks["eeee0005"].values())).ranked()[0].grid.size == 0  # it still counts as a (wrong) vote
+    sub = arc_scoring.submission(tasks)
+    assert arc_scoring.submission_errors(sub) == []
+    assert sub["eeee0005"][0] == {"attempt_1": out.tolist(), "attempt_2": out.tolist()}
+    assert sub["ffff0006"][0] == {"attempt_1": [[0]], "attempt_2": [[0]]}
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"t": [{"attempt_1": [], "attempt_2": [[1]]}]}, "t[0].attempt_1: not a non-empty list of non-empty rows"),
+    ({"t": [{"attempt_1": [[1, 2], [3]], "attempt_2": [[1]]}]}, "t[0].attempt_1: not a rectangle"),
+    ({"t": [{"attempt_1": [[10]], "attempt_2": [[1]]}]}, "t[0].attempt_1: cells must be ints 0-9"),
+    ({"t": [{"attempt_1": [[1]]}]}, "t[0]: expected keys attempt_1 and attempt_2"),
+])
+def test_submission_format_check_names_the_bad_attempt(bad, message):
+    assert any(e.startswith(message) for e in arc_scoring.submission_errors(bad))
+
+
+def _write_arc_tasks(root, rng, n_train=4, n_eval=2):
+    import json
+    for sub, n in (("training", n_train), ("evaluation", n_eval)):
+        (root / sub).mkdir(parents=True)
+        for t in range(n):
+            def pair():
+                h, w = rng.integers(2, 6, size=2)
+                g = rng.integers(0, 10, size=(h, w))
+                return {"input": g.tolist(), "output": np.rot90(g).tolist()}
+            task = {"train": [pair(), pair()], "test": [pair()]}
+            (root / sub / f"{sub[0]}{t:07x}.json").write_text(json.dumps(task))
+
+
+def test_evaluate_writes_a_valid_arc_submission_and_refuses_arc_on_other_data(tmp_path):
+    """End to end on a hand-made ARC corpus: a barely trained model predicts mostly garbage (much of it
+    crops to nothing), and submission.json must still be valid ARC Prize format."""
+    import json
+
+    import evaluate
+    from dataset import build_arc_dataset
+    from trainer_helpers import build_tiny_sudoku, compose, tiny_overrides, train
+    from utils.schema import ConfigError
+    _write_arc_tasks(tmp_path / "src", np.random.default_rng(0))
+    data = tmp_path / "arc"
+    build_arc_dataset.main(["--dataset-dirs", str(tmp_path / "src"), "--output-dir", str(data), "--num-aug", "2"])
+    train(tiny_overrides(data, tmp_path / "run", global_batch_size=8, max_steps=2, epochs=1, eval_interval=None))
+    evaluate.run(evaluate.parse_args([f"checkpoint={tmp_path / 'run' / 'step_2'}", "device=cpu"]))
+    sub = json.loads((tmp_path / "run" / "step_2" / "submission.json").read_text())
+    assert len(sub) == 2 and arc_scoring.submission_errors(sub) == []
+    metrics = json.loads((tmp_path / "run" / "step_2" / "metrics.json").read_text())
+    assert "arc/pass@1" in metrics and metrics["arc/num_tasks"] == 2
+
+    sudoku = build_tiny_sudoku(tmp_path / "sudoku")
+    train(tiny_overrides(sudoku, tmp_path / "srun", max_steps=1, epochs=1))
+    with pytest.raises(ConfigError, match="arc=true, but '.*sudoku' is not an ARC dataset .*seq_len 16"):
+        evaluate.run(evaluate.parse_args([f"checkpoint={tmp_path / 'srun' / 'step_1'}", "arc=true", "device=cpu"]))
+    assert not (tmp_path / "srun" / "step_1" / "metrics.json").exists()

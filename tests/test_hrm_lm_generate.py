@@ -58,7 +58,7 @@ def test_generate_streams_and_matches_model(trained):
     _, data, ck = trained
     out = io.StringIO()
     cfg = generate.parse_args([f"checkpoint={ck}", "prompt=First Citizen:", "max_new_tokens=12", "greedy=true",
-                               "echo_prompt=false"])
+                               "echo_prompt=false", "stop_at_eos=true"])
     stats = generate.run(cfg, out=out)
     printed = out.getvalue()[:-1]  # streamed text + final newline
     assert printed == stats["samples"][0][: len(printed)]  # streamed pieces add up to the decoded sample
@@ -101,3 +101,37 @@ def test_generate_bad_inputs(trained, tmp_path, capsys):
     with pytest.raises(ConfigError, match="expects true/false"):
         generate.parse_args([f"checkpoint={ck}", "greedy=maybe"])
     assert generate.parse_args(["--checkpoint", str(ck), "--top_k", "5"]).top_k == 5
+
+
+def test_generate_goes_past_the_training_window_and_checks_sampling_keys(trained, capsys, monkeypatch):
+    """A trained model ends each continuation with EOS after about one training window (64 tokens for the
+    README's tinyshakespeare run); asked for 100 tokens it must still write 100, window after window. The
+    4-step model here has not learnt EOS yet, so its generate() is made to end every window at 16 tokens."""
+    _, _, ck = trained
+    from models.hrm_lm.hrm_lm_v1 import HRMLanguageModel
+    original = HRMLanguageModel.generate
+
+    def eos_after_16(self, *args, **kwargs):
+        for i, tok in enumerate(original(self, *args, **kwargs)):
+            if i == 16:
+                yield torch.full_like(tok, self.config.eos_id)
+                return
+            yield tok
+
+    monkeypatch.setattr(HRMLanguageModel, "generate", eos_after_16)
+    assert generate.main([f"checkpoint={ck}", "prompt=First Citizen:", "max_new_tokens=100", "greedy=true"]) == 0
+    err = capsys.readouterr().err
+    assert "generated 100 tokens" in err and "window(s)" in err
+    stats = generate.run(generate.parse_args([f"checkpoint={ck}", "prompt=First Citizen:", "max_new_tokens=100",
+                                              "greedy=true"]), out=io.StringIO())
+    assert stats["tokens"] == 100 and stats["windows"] == 7  # 6 x 16 + 4
+    short = generate.run(generate.parse_args([f"checkpoint={ck}", "prompt=First Citizen:", "max_new_tokens=100",
+                                              "greedy=true", "stop_at_eos=true"]), out=io.StringIO())
+    assert short["tokens"] == 16 and short["windows"] == 1
+    assert generate.main([f"checkpoint={ck}", "prompt=x", "max_new_tokens=100", "greedy=true", "stop_at_eos=true"]) == 0
+    assert "stopped at the model's end-of-text" in capsys.readouterr().err
+    for bad, message in (("top_p=1.5", "'top_p' must be in (0, 1]"), ("top_p=0", "'top_p' must be in (0, 1]"),
+                         ("top_k=-1", "'top_k' must be >= 0"), ("temperature=-0.5", "'temperature' must be >= 0")):
+        assert generate.main([f"checkpoint={ck}", "prompt=x", bad]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err

@@ -53,11 +53,12 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
 
 
-def _vote_rows(rows) -> dict[str, dict[tuple, TestInput]]:
+def _vote_rows(rows, total: int | None = None) -> dict[str, dict[tuple, TestInput]]:
     """rows: (variant name, input grid, label grid, predicted grid, confidence), all grids still augmented."""
     tasks: dict[str, dict[tuple, TestInput]] = defaultdict(dict)
     n_order = 0
-    for name, inp, lab, pred, conf in rows:
+    from utils.progress import track
+    for name, inp, lab, pred, conf in track(rows, total=total, desc="ARC voting", unit="row", leave=False):
         task, _, _ = parse_arc_identifier(name)
         inp = invert_arc_augmentation(inp, name)
         ti = tasks[task].get(_key(inp))
@@ -81,9 +82,9 @@ def vote(inputs: np.ndarray, labels: np.ndarray, preds: np.ndarray, puzzle_ident
     (labels may hold -100 for ignored cells); rows with puzzle id 0 (blank/padding) are skipped."""
     confidence = _sigmoid(q_halt_logits)
     keep = [i for i in range(len(puzzle_identifiers)) if int(puzzle_identifiers[i]) != 0]
-    return _vote_rows((identifiers[int(puzzle_identifiers[i])], arc_grid_from_tokens(inputs[i]),
+    return _vote_rows(((identifiers[int(puzzle_identifiers[i])], arc_grid_from_tokens(inputs[i]),
                        arc_grid_from_tokens(np.where(np.asarray(labels[i]) < 0, 0, labels[i])),  # -100 reads as PAD
-                       arc_grid_from_tokens(preds[i]), confidence[i]) for i in keep)
+                       arc_grid_from_tokens(preds[i]), confidence[i]) for i in keep), total=len(keep))
 
 
 def vote_context(inputs: np.ndarray, labels: np.ndarray, preds: np.ndarray, q_halt_logits: np.ndarray,
@@ -91,9 +92,10 @@ def vote_context(inputs: np.ndarray, labels: np.ndarray, preds: np.ndarray, q_ha
     """`vote` for the context format (dataset/context.py): the query grid is read from the context, the answer
     from the answer canvas; `names[i]` is row i's variant name (from <set>__example_names.npy)."""
     confidence = _sigmoid(q_halt_logits)
-    return _vote_rows((names[i], context.query_grid(inputs[i]),
+    return _vote_rows(((names[i], context.query_grid(inputs[i]),
                        context.answer_grid(inputs[i], np.where(np.asarray(labels[i]) < 0, 0, labels[i])),
-                       context.answer_grid(inputs[i], preds[i]), confidence[i]) for i in range(len(names)))
+                       context.answer_grid(inputs[i], preds[i]), confidence[i]) for i in range(len(names))),
+                      total=len(names))
 
 
 def pass_at_k(tasks: dict[str, dict[tuple, TestInput]], ks=DEFAULT_KS) -> dict[str, float]:
@@ -110,12 +112,15 @@ def pass_at_k(tasks: dict[str, dict[tuple, TestInput]], ks=DEFAULT_KS) -> dict[s
 
 
 def submission(tasks: dict[str, dict[tuple, TestInput]], attempts: int = 2) -> dict:
-    """ARC-Prize format: {task_id: [{"attempt_1": grid, "attempt_2": grid}, ...]} per test input."""
+    """ARC-Prize format: {task_id: [{"attempt_1": grid, "attempt_2": grid}, ...]} per test input.
+
+    Only valid grids are submitted: a prediction that crops to nothing (no colour cell at the top left) is
+    skipped in favour of the next-ranked candidate; with no valid candidate left the attempt is a 1x1 [[0]]."""
     out = {}
     for task, inputs in sorted(tasks.items()):
         rows = []
         for ti in sorted(inputs.values(), key=lambda t: t.order):
-            ranked = ti.ranked()
+            ranked = [c for c in ti.ranked() if np.asarray(c.grid).ndim == 2 and np.asarray(c.grid).size > 0]
             entry = {}
             for a in range(attempts):
                 grid = ranked[min(a, len(ranked) - 1)].grid if ranked else np.zeros((1, 1), np.int64)
@@ -123,6 +128,31 @@ def submission(tasks: dict[str, dict[tuple, TestInput]], attempts: int = 2) -> d
             rows.append(entry)
         out[task] = rows
     return out
+
+
+def submission_errors(sub: dict) -> list[str]:
+    """Where `sub` breaks the ARC Prize submission format: {task_id: [{"attempt_1": grid, "attempt_2": grid},
+    ...]}, each grid a non-empty rectangular list of rows of ints 0-9, at most 30x30. Empty = valid."""
+    errors = []
+    if not isinstance(sub, dict):
+        return ["the submission is not a JSON object"]
+    for task, rows in sub.items():
+        if not isinstance(rows, list) or not rows:
+            errors.append(f"{task}: expected a non-empty list of test-input entries")
+            continue
+        for i, entry in enumerate(rows):
+            if not isinstance(entry, dict) or set(entry) != {"attempt_1", "attempt_2"}:
+                errors.append(f"{task}[{i}]: expected keys attempt_1 and attempt_2")
+                continue
+            for name, grid in entry.items():
+                where = f"{task}[{i}].{name}"
+                if not isinstance(grid, list) or not grid or not all(isinstance(r, list) and r for r in grid):
+                    errors.append(f"{where}: not a non-empty list of non-empty rows")
+                elif len({len(r) for r in grid}) != 1 or len(grid) > 30 or len(grid[0]) > 30:
+                    errors.append(f"{where}: not a rectangle of at most 30x30")
+                elif not all(type(v) is int and 0 <= v <= 9 for r in grid for v in r):
+                    errors.append(f"{where}: cells must be ints 0-9")
+    return errors
 
 
 def load_identifiers(data_path: str) -> list[str]:

@@ -94,13 +94,13 @@ def evaluate(head: torch.nn.Module, loader, info: DistInfo, *, device: torch.dev
     collected: dict[str, list[np.ndarray]] = {k: [] for k in save_keys}
     bar = None
     if progress and info.is_main:
-        from tqdm import tqdm
+        from utils.progress import Progress
         total = len(loader) if hasattr(loader, "__len__") else None
         try:
             total = min(total, max_batches) if (total is not None and max_batches) else total
         except TypeError:
             total = None
-        bar = tqdm(total=total, desc="eval", unit="batch", leave=False, disable=None)  # None: off when not a terminal
+        bar = Progress(total, desc="eval", unit="batch", leave=False)  # a bar, or a line every 30 s in logs
     try:
         for batch_index, (set_name, batch, effective) in enumerate(loader):
             if max_batches is not None and batch_index >= max_batches:
