@@ -735,6 +735,8 @@ def main() -> None:
     # choice still reach the console, from rank 0 only.
     logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
                         format="%(message)s")
+    from utils.cli import preflight
+    sys.argv = preflight(sys.argv, __doc__)  # a no-op when the script's first lines already checked this argv
     config_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")
     hydra.main(config_path=config_dir, config_name="cfg_pretrain", version_base="1.3")(launch)()
 

@@ -228,9 +228,20 @@ def check_composed(overrides: list[str], multirun: bool) -> Optional[dict]:
     return first
 
 
+_CHECKED: set[tuple[str, ...]] = set()  # argvs already checked in this process (the script and main() both call)
+
+
 def preflight(argv: list[str], doc: str) -> list[str]:
     """Run before the heavy imports of pretrain.py. Exits on --help, --cfg job and config errors; returns
     the argv Hydra should see."""
+    if tuple(argv) in _CHECKED:
+        return argv
+    argv = _preflight(argv, doc)
+    _CHECKED.add(tuple(argv))
+    return argv
+
+
+def _preflight(argv: list[str], doc: str) -> list[str]:
     args = argv[1:]
     if any(a in ("-h", "--help") for a in args):
         print(help_text(args, doc))
