@@ -52,8 +52,8 @@ def original_like():
     """Swap in the original's CPU code path (see module docstring) for the duration."""
     saved_rotary, saved_forward = layers.apply_rotary, hrm_act_v1.HierarchicalReasoningModel_ACTV1_Inner.forward
 
-    def forward_with_lm_head(self, carry, batch, with_outputs=True, collect_gate_stats=True):
-        return saved_forward(self, carry, batch, with_outputs=True, collect_gate_stats=collect_gate_stats)
+    def forward_with_lm_head(self, carry, batch, with_outputs=True, collect_gate_stats=True, **kwargs):
+        return saved_forward(self, carry, batch, with_outputs=True, collect_gate_stats=collect_gate_stats, **kwargs)
 
     layers.apply_rotary = _original_rotary
     hrm_act_v1.HierarchicalReasoningModel_ACTV1_Inner.forward = forward_with_lm_head
