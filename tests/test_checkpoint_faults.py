@@ -163,3 +163,72 @@ def test_weights_file_has_the_mode_of_its_siblings(tmp_path):
     run_dir = _fixture(tmp_path)
     modes = {p.name: p.stat().st_mode & 0o777 for p in (run_dir / "step_4").iterdir()}
     assert len(set(modes.values())) == 1, modes
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The same through the real trainer, killed by strace at each file-system call on the run dir (slow: one
+# trainer process per call).
+
+FS_CALLS = ("rename", "renameat", "renameat2", "unlink", "unlinkat", "rmdir")
+
+
+def _trace_calls(cmd: list[str], run_dir: Path, log: Path, env: dict) -> list[tuple[str, int]]:
+    """(syscall, its ordinal in the main thread) of every rename/unlink/rmdir that touches run_dir."""
+    import subprocess
+    subprocess.run(["strace", "-f", "-qq", "-o", str(log), "-e", "trace=" + ",".join(FS_CALLS), *cmd],
+                   env=env, check=True, capture_output=True, timeout=600)
+    lines = log.read_text().splitlines()
+    main_pid = lines[0].split()[0]
+    seen: dict[str, int] = {}
+    out = []
+    for line in lines:
+        pid, rest = line.split(None, 1)
+        name = rest.split("(", 1)[0]
+        if pid != main_pid or name not in FS_CALLS or "resumed>" in rest:
+            continue
+        seen[name] = seen.get(name, 0) + 1
+        if str(run_dir) in rest:
+            out.append((name, seen[name]))
+    return out
+
+
+@pytest.mark.slow
+def test_trainer_killed_by_strace_at_each_run_dir_call(tmp_path):
+    import subprocess
+    import sys
+
+    from trainer_helpers import REPO, build_tiny_sudoku, tiny_overrides, train
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed (apt-get install strace)")
+    data = build_tiny_sudoku(tmp_path / "data")
+    base = tmp_path / "base"
+    extra = {"save_best.metric": "eval/lm_loss", "save_best.mode": "min", "checkpoint_limit": 2}
+    train(tiny_overrides(data, base, epochs=2, **extra))
+    assert sorted(p.name for p in base.iterdir() if not p.name.endswith((".jsonl", ".txt"))) == ["best", "step_4", "step_8"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+
+    def cmd(run_dir):
+        return [sys.executable, str(REPO / "pretrain.py"), *tiny_overrides(data, run_dir, epochs=3, loader_workers=0,
+                                                                             **extra)]
+    shutil.copytree(base, tmp_path / "probe")
+    calls = _trace_calls(cmd(tmp_path / "probe"), tmp_path / "probe", tmp_path / "strace.log", env)
+    assert len(calls) >= 8, calls  # step_12 write, best replacement, rotation, lock, logs
+    for i, (name, nth) in enumerate(calls):
+        run_dir = tmp_path / f"kill{i}"
+        shutil.copytree(base, run_dir)
+        proc = subprocess.run(["strace", "-f", "-qq", "-o", "/dev/null", "-e", f"trace={name}",
+                               "-e", f"inject={name}:signal=KILL:when={nth}", *cmd(run_dir)],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode != 0, (name, nth, proc.stdout[-500:])
+        ckpt.remove_stale_temps(run_dir)  # what the next start does first
+        names = {p.name for p in run_dir.iterdir() if not p.name.startswith(".") and p.is_dir()}
+        survivors = {"step_8", "best"} | ({"step_4"} if "step_12" not in names else set())
+        assert survivors <= names, (name, nth, sorted(names))
+        for d in names:
+            ckpt.load_weights(run_dir / d)
+            ckpt.load_train_state(run_dir / d)
+        assert not any(p.name.startswith(".tmp") for p in run_dir.iterdir())
+    # and a killed run resumes to the end
+    resumed = subprocess.run(cmd(tmp_path / f"kill{len(calls) // 2}"), env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
