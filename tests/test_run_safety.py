@@ -125,3 +125,19 @@ def test_resume_refuses_what_cannot_change_and_applies_the_rest(tiny_data, tmp_p
     from utils.logger import read_jsonl
     lr5 = [l["train/lr"] for l in read_jsonl(run_dir / "metrics.jsonl") if l.get("step") == 5 and "train/lr" in l]
     assert lr5 == [pytest.approx(3e-3 * 6 / 10, rel=1e-9)]  # new base, new warmup: the LR for step 6 is 6/10 of it
+
+
+def test_read_only_file_system_is_one_line(tiny_data, tmp_path):
+    import os
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if os.geteuid() != 0 or os.system(f"mount -t tmpfs -o size=8m tmpfs {mnt} 2>/dev/null") != 0:
+        pytest.skip("needs root and mount (tmpfs) to make a read-only file system")
+    try:
+        train(tiny_overrides(tiny_data, mnt / "run", max_steps=1))
+        assert os.system(f"mount -o remount,ro {mnt}") == 0
+        with pytest.raises(CheckpointError, match=r"checkpoint dir '.*run' is not writable \(Read-only file system\)"):
+            train(tiny_overrides(tiny_data, mnt / "run", max_steps=2))
+        assert [s for s, _ in list_step_dirs(mnt / "run")] == [1]
+    finally:
+        os.system(f"umount {mnt}")
