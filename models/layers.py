@@ -83,6 +83,59 @@ class CastedEmbedding(nn.Module):
         return F.embedding(ids, self.embedding_weight).to(self.cast_to)
 
 
+CONTEXT_EMB_MODES = ("none", "role", "role_grid")
+
+
+def context_positions(tokens: torch.Tensor, marks: dict[str, int], max_index: int = 31
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Roles and in-grid (row, col) of every position of context-format rows (dataset/context.py), from the
+    tokens alone. role: 0 padding/other, 1 demo input, 2 demo output, 3 query input, 4 answer region (the
+    segment after the last IN's OUT); row/col count ROW separators and cells since the segment's marker,
+    clamped to max_index. `marks`: token ids of PAD, ROW, END, IN, OUT. [B, L] int64 each, no host sync."""
+    B, L = tokens.shape
+    pos = torch.arange(L, device=tokens.device).expand(B, L)
+    neg = torch.full_like(pos, -1)
+    is_in, is_out, is_row = tokens == marks["IN"], tokens == marks["OUT"], tokens == marks["ROW"]
+    is_marker = is_in | is_out
+    last_marker = torch.where(is_marker, pos, neg).cummax(dim=1).values
+    seg_is_out = torch.gather(is_out, 1, last_marker.clamp(min=0)) & (last_marker >= 0)
+    n_in = is_in.long().cumsum(1)
+    in_query = n_in == n_in[:, -1:]
+    role = torch.where(in_query, torch.where(seg_is_out, 4, 3), torch.where(seg_is_out, 2, 1))
+    role = torch.where((last_marker < 0) | (tokens == marks["PAD"]), 0, role)
+    rows_before = is_row.long().cumsum(1) - is_row.long()
+    row = rows_before - torch.gather(rows_before, 1, last_marker.clamp(min=0))
+    is_break = is_marker | is_row | (tokens == marks["END"])
+    last_break = torch.where(is_break, pos, neg).cummax(dim=1).values
+    prev_break = torch.cat([neg[:, :1], last_break[:, :-1]], dim=1)
+    col = pos - prev_break - 1
+    zero = role == 0
+    return role, torch.where(zero, 0, row.clamp(0, max_index)), torch.where(zero, 0, col.clamp(0, max_index))
+
+
+class ContextEmbedding(nn.Module):
+    """Added to the token embeddings of context-format rows: a learned role vector (demo input / demo output /
+    query / answer) and, in mode "role_grid", learned row and column vectors of the cell inside its grid
+    (so flat rows keep the 2-D layout). Tables in fp32 like CastedEmbedding; state-dict names role_emb.*,
+    row_emb.*, col_emb.*."""
+
+    def __init__(self, mode: str, hidden_size: int, marks: dict[str, int], init_std: float, cast_to: torch.dtype,
+                 generator: Optional[torch.Generator] = None, max_index: int = 31):
+        super().__init__()
+        self.marks, self.max_index, self.grid = dict(marks), max_index, mode == "role_grid"
+        self.role_emb = CastedEmbedding(5, hidden_size, init_std, cast_to, generator=generator)
+        if self.grid:
+            self.row_emb = CastedEmbedding(max_index + 1, hidden_size, init_std, cast_to, generator=generator)
+            self.col_emb = CastedEmbedding(max_index + 1, hidden_size, init_std, cast_to, generator=generator)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        role, row, col = context_positions(tokens, self.marks, self.max_index)
+        out = self.role_emb(role)
+        if self.grid:
+            out = out + self.row_emb(row) + self.col_emb(col)
+        return out  # [B, L, D]
+
+
 # ----------------------------------------------------------------------------------------------
 # norm, positions, MLP
 
