@@ -24,8 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dataset import context as fmt  # the context format's token ids, defined once there
 from models.common import trunc_normal_init_
-from models.layers import ATTN_BACKENDS, CastedEmbedding, CastedLinear, RotaryEmbedding, swiglu_intermediate_size
+from models.layers import (ATTN_BACKENDS, CONTEXT_EMB_MODES, CastedEmbedding, CastedLinear, ContextEmbedding,
+                           RotaryEmbedding, swiglu_intermediate_size)
 from models.recursion import Hook
 from models.sparse_embedding import CastedSparseEmbedding
 from utils.schema import ConfigError, from_dict
@@ -82,6 +84,10 @@ class RecurrentPuzzleConfig:
 
     forward_dtype: str = "bfloat16"
     attn_backend: str = "auto"  # addition of this project: "auto" | "flash" | "sdpa" | "math"
+    # Addition of this project for the context format (dataset/context.py): "none" (the originals), "role"
+    # (a learned vector per demo input / demo output / query / answer position) or "role_grid" (also
+    # learned row and column vectors of the cell inside its grid), added to the token embeddings.
+    context_emb: str = "none"
 
     POSITIVE_KEYS: ClassVar[tuple[str, ...]] = (
         "batch_size", "seq_len", "vocab_size", "num_puzzle_identifiers", "H_cycles", "L_cycles", "H_layers",
@@ -108,6 +114,8 @@ class RecurrentPuzzleConfig:
             self.bad("attn_backend", "one of " + ", ".join(ATTN_BACKENDS))
         if not 0.0 <= self.halt_exploration_prob <= 1.0:
             self.bad("halt_exploration_prob", "a probability in [0, 1]")
+        if self.context_emb not in CONTEXT_EMB_MODES:
+            self.bad("context_emb", "one of " + ", ".join(CONTEXT_EMB_MODES))
 
     @property
     def min_puzzle_emb_len(self) -> int:
@@ -164,6 +172,11 @@ class RecurrentPuzzleInner(nn.Module):
         with torch.no_grad():
             self.q_head.weight.zero_()
             self.q_head.bias.fill_(-5)
+        # Created after every original module, so that turning it on leaves their initialisation intact.
+        if self.config.context_emb != "none":
+            marks = dict(PAD=fmt.PAD, ROW=fmt.ROW, END=fmt.END, IN=fmt.IN, OUT=fmt.OUT)
+            self.context_emb = ContextEmbedding(self.config.context_emb, D, marks, 1.0 / self.embed_scale,
+                                                self.forward_dtype, generator=generator)
 
     def _cos_sin(self):
         return self.rotary_emb() if self.config.pos_encodings == "rope" else None
@@ -171,6 +184,8 @@ class RecurrentPuzzleInner(nn.Module):
     def _input_embeddings(self, inputs: torch.Tensor, puzzle_identifiers: torch.Tensor) -> torch.Tensor:
         D = self.config.hidden_size
         embedding = self.embed_tokens(inputs.to(torch.int32))  # [B, L, D]
+        if self.config.context_emb != "none":
+            embedding = embedding + self.context_emb(inputs)
         if self.puzzle_emb_len > 0:
             if self.config.puzzle_emb_ndim > 0:
                 puzzle_embedding = self.puzzle_emb(puzzle_identifiers)  # [B, puzzle_emb_ndim]
