@@ -214,7 +214,7 @@ def make_tasks(args: argparse.Namespace) -> dict[str, list]:
         tasks[f"{split}/{set_name}"] = [
             draw_task(_generator(args.seed, split, set_name, i), kinds, pool, args.demos + 1, args.min_size,
                       args.max_size)
-            for i in tqdm(range(n), desc=f"generate {split}/{set_name}", unit="task", leave=False)]
+            for i in tqdm(range(n), desc=f"generate {split}/{set_name}", unit="task", leave=False, disable=None)]
     return tasks
 
 

@@ -43,6 +43,18 @@ def test_trains_without_puzzle_ids_and_resumes_bit_exactly(rules_data, tmp_path)
     assert weights.keys() == b.keys() and all(torch.equal(weights[k], b[k]) for k in weights)
 
 
+def test_trm_runs_in_context_mode_without_prefix(rules_data, tmp_path):
+    """arch=trm with puzzle_emb_ndim=0 and puzzle_emb_len=0: no prefix positions, no puzzle table, one optimizer."""
+    run = tmp_path / "trm"
+    train(["arch=trm", *tiny_overrides(rules_data, run, epochs=1, max_steps=3), *CONTEXT_ARCH, "arch.puzzle_emb_len=0"])
+    weights = load_step_weights(run / "step_3")
+    assert not any("puzzle_emb" in k for k in weights) and any("context_emb.row_emb" in k for k in weights)
+    assert len(torch.load(run / "step_3" / "train_state.pt", weights_only=True)["optimizers"]) == 1
+    carry = torch.load(run / "step_3" / "train_state.pt", weights_only=True)["ranks"][0]["carries"][0]
+    seq_len = json.loads((rules_data / "train" / "dataset.json").read_text())["seq_len"]
+    assert all(v.shape[1] == seq_len for k, v in carry.items() if v.dim() == 3)  # [B, seq_len, D]: no prefix
+
+
 def test_two_ranks_equal_one_rank_in_context_mode(rules_data, tmp_path):
     common = dict(epochs=2, max_steps=6, log_every=3, checkpoint_every_eval=False)
     one, two = tmp_path / "one", tmp_path / "two"
