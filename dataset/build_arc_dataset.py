@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+from utils.progress import track
 
 from dataset.common import (ARC_COLOR_OFFSET, ARC_EOS, ARC_GRID, BLANK_IDENTIFIER, DatasetError,
                             PuzzleSetArrays, arc_identifier, dihedral_transform, encode_arc_canvas, exit_on_dataset_error,
@@ -193,7 +193,7 @@ class _SplitBuffer:
 
 def load_tasks(dataset_dirs: list[str]) -> list[ArcTask]:
     tasks, names = [], {}
-    for subset, path in tqdm(find_task_files(dataset_dirs), desc="load tasks", unit="task", leave=False, disable=None):
+    for subset, path in track(find_task_files(dataset_dirs), desc="load tasks", unit="task", leave=False):
         t = load_task(path, subset)
         if t.name in names:
             raise DatasetError(f"{path}: task name {t.name!r} already used by {names[t.name]}")
@@ -210,7 +210,7 @@ def build(args: argparse.Namespace) -> dict:
     ids: dict[str, int] = {}
     short = 0  # tasks too symmetric / too few colours to reach 1 + num_aug distinct variants
     split_buf = {"train": _SplitBuffer(), "test": _SplitBuffer()}
-    for task in tqdm(tasks, desc="augment", unit="task", leave=False, disable=None):
+    for task in track(tasks, desc="augment", unit="task", leave=False):
         rng = task_generator(args.seed, task.name)
         dests = {"train": list(task.train), "test": []}
         dests["test" if task.subset in eval_subsets else "train"] += task.test
@@ -261,7 +261,7 @@ def build_context(args: argparse.Namespace, tasks: list[ArcTask]) -> dict:
     names = [BLANK_IDENTIFIER]
     split_buf = {"train": _SplitBuffer(), "test": _SplitBuffer()}
     dropped = dropped_rows = 0
-    for task in tqdm(tasks, desc="augment + serialise", unit="task", leave=False, disable=None):
+    for task in track(tasks, desc="augment + serialise", unit="task", leave=False):
         rng = task_generator(args.seed, task.name)
         is_eval = task.subset in eval_subsets
         dests = {"demos": list(task.train), "queries": list(task.test)} if is_eval else {

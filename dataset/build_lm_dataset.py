@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-from tqdm import tqdm
+from utils.progress import track
 
 from dataset.common import exit_on_dataset_error
 from dataset.lm_tokenizer import LMDataError, LMTokenizer, train_bpe_tokenizer
@@ -507,7 +507,9 @@ def _force_one_per_split(cfg: BuildConfig, hashed: list[int], split_stats: dict)
 
     def draw(i):
         return int.from_bytes(hashlib.blake2b(f"{cfg.seed}:{i}".encode(), digest_size=8).digest(), "little")
-    ranked = sorted(hashed, key=draw)
+    # only train documents move: taking the one document of a non-empty validation split for test would
+    # empty validation instead (the 256 KB tinyshakespeare sample did exactly that)
+    ranked = sorted((i for i in hashed if _hash_split(cfg.seed, i, cfg.val_ratio, test_ratio) == "train"), key=draw)
     return {i: s for i, s in zip(ranked, wanted)}
 
 
@@ -544,7 +546,7 @@ def _build(cfg: BuildConfig, forced: dict | None) -> dict:
         def train_texts():
             for _, _, doc in _iter_documents(cfg, files, split_filter="train", forced=forced):
                 yield doc if isinstance(doc, str) else doc[0] + "\n" + doc[1]
-        texts = tqdm(train_texts(), desc="train tokenizer", unit="doc", disable=None)
+        texts = track(train_texts(), desc="train tokenizer", unit="doc")
         tok = LMTokenizer(train_bpe_tokenizer(texts, cfg.vocab_size, cfg.min_frequency), source="trained")
         specials = {**tok.special_ids(), "vocab_size": tok.vocab_size}
     vocab_size = specials["vocab_size"]
@@ -587,8 +589,7 @@ def _build(cfg: BuildConfig, forced: dict | None) -> dict:
             pending.clear()
 
         hashed: list[int] = []
-        for item in tqdm(_iter_documents(cfg, files, forced=forced, hashed=hashed), desc="tokenise", unit="doc",
-                         disable=None):
+        for item in track(_iter_documents(cfg, files, forced=forced, hashed=hashed), desc="tokenise", unit="doc"):
             pending.append(item)
             if len(pending) >= cfg.batch_docs:
                 flush()
@@ -717,7 +718,7 @@ def mix(inputs: list[tuple[str, float]], output_dir: str, seed: int = 0, quotas:
 
             sources = [open_split(d, split) if counts[i] else None for i, (d, _) in enumerate(inputs)]
             writer = SplitWriter(tmp / split, dtype, vocab_size)
-            for c in tqdm(range(0, len(order), chunk), desc=f"mix {split}", unit="chunk", disable=None):
+            for c in track(range(0, len(order), chunk), desc=f"mix {split}", unit="chunk"):
                 ps, ts = [], []
                 for src, j in order[c:c + chunk]:
                     p, t = sources[src].example(int(j))

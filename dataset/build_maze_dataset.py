@@ -20,7 +20,7 @@ from collections import deque
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+from utils.progress import Progress
 
 from dataset.common import (BLANK_IDENTIFIER, DatasetError, PuzzleSetArrays, dihedral_transform,
                             exit_on_dataset_error, iter_puzzle_csv, split_metadata, write_puzzle_dataset)
@@ -148,7 +148,7 @@ def make_maze(side: int, rng: np.random.Generator, braid: float) -> tuple[np.nda
 
 def generate_mazes(count: int, side: int, rng: np.random.Generator, braid: float, seen: set, desc: str):
     qs, as_ = [], []
-    with tqdm(total=count, desc=desc, unit="maze", leave=False, disable=None) as bar:  # no bar in logs
+    with Progress(count, desc=desc, unit="maze", leave=False) as bar:  # no bar in logs
         tries = 0
         while len(qs) < count:
             tries += 1

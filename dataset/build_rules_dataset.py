@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm import tqdm
+from utils.progress import track
 
 from dataset.common import (ARC_COLOR_OFFSET, BLANK_IDENTIFIER, DatasetError, PuzzleSetArrays, dihedral_transform,
                             encode_arc_canvas, exit_on_dataset_error, split_metadata, write_puzzle_dataset)
@@ -214,7 +214,7 @@ def make_tasks(args: argparse.Namespace) -> dict[str, list]:
         tasks[f"{split}/{set_name}"] = [
             draw_task(_generator(args.seed, split, set_name, i), kinds, pool, args.demos + 1, args.min_size,
                       args.max_size)
-            for i in tqdm(range(n), desc=f"generate {split}/{set_name}", unit="task", leave=False, disable=None)]
+            for i in track(range(n), desc=f"generate {split}/{set_name}", unit="task", leave=False)]
     return tasks
 
 

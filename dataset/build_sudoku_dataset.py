@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+from utils.progress import Progress, track
 
 from dataset.common import (BLANK_IDENTIFIER, DatasetError, PuzzleSetArrays, exit_on_dataset_error,
                             iter_puzzle_csv, split_metadata, write_puzzle_dataset)
@@ -225,7 +225,7 @@ def generate_puzzles(count: int, grid: int, blanks: tuple[int, int], rng: np.ran
     seen = exclude if exclude is not None else set()
     qs, as_ = [], []
     misses = 0
-    with tqdm(total=count, desc=desc, unit="puzzle", leave=False, disable=None) as bar:  # no bar in logs
+    with Progress(count, desc=desc, unit="puzzle", leave=False) as bar:  # no bar in logs
         while len(qs) < count:
             k = int(rng.integers(blanks[0], blanks[1] + 1))
             q, a = make_puzzle(grid, k, rng)
@@ -271,7 +271,7 @@ def augment_tokens(q_tok: np.ndarray, a_tok: np.ndarray, num_aug: int, grid: int
     aug_rows = (np.arange(total) // num_aug) * per + 1 + np.arange(total) % num_aug
     flat_q, flat_a = q_tok.reshape(-1), a_tok.reshape(-1)
     rr, cc = np.divmod(np.arange(cells), grid)
-    for s in tqdm(range(0, total, AUG_CHUNK), desc="augment", unit="chunk", leave=False, disable=None if progress else True):
+    for s in track(range(0, total, AUG_CHUNK), desc="augment", unit="chunk", leave=False, enabled=progress):
         k = min(AUG_CHUNK, total - s)
         src_puzzle = aug_rows[s:s + k] // per
         # token map: PAD and blank fixed, digits permuted

@@ -1,4 +1,6 @@
-"""Look inside a built puzzle dataset: metadata, counts, token histogram and a few puzzles as text grids.
+"""Look inside a built dataset. Puzzle datasets: metadata, counts, token histogram and a few puzzles as
+text grids. LM datasets (dataset.build_lm_dataset): metadata, examples and token lengths per split, and a
+few (prompt | continuation) pairs decoded with the dataset's tokenizer.
 
     python -m dataset.inspect data/sudoku-extreme-1k-aug-1000 [--split train] [--show 3] [--no-validate]
 """
@@ -87,15 +89,48 @@ def describe(data_path: Path, split: str, show: int, out=sys.stdout) -> None:
                 print(f"   {left:<{width}}   |   {right}", file=out)
 
 
+def describe_lm(root: Path, splits: list[str], show: int, validate: bool, out=sys.stdout) -> None:
+    from dataset.lm_tokenizer import LMTokenizer
+    from lm_dataset import LMSplit, load_lm_meta, validate_lm_dataset
+    meta = validate_lm_dataset(root) if validate else load_lm_meta(root)
+    scalars = {k: v for k, v in meta.items() if isinstance(v, (int, float, str, bool))}
+    print(f"== LM dataset: {json.dumps(scalars)}", file=out)
+    tok = LMTokenizer.from_dataset(root) if (root / "tokenizer.json").is_file() else None
+    for split in [s for s in splits if s in meta["splits"]]:
+        data = LMSplit(root, split, meta)
+        lengths = np.array([[len(p), len(t)] for p, t in (data.example(i) for i in range(len(data)))]).reshape(-1, 2)
+        print(f"   {split}: {len(data)} examples; prompt tokens mean {lengths[:, 0].mean():.1f} max "
+              f"{lengths[:, 0].max(initial=0)}; continuation tokens mean {lengths[:, 1].mean():.1f} max "
+              f"{lengths[:, 1].max(initial=0)}", file=out)
+        for i in range(min(show, len(data))):
+            prompt, target = data.example(i)
+            if tok is not None:
+                print(f"     [{i}] {tok.decode(prompt.tolist())!r} | {tok.decode(target.tolist())!r}", file=out)
+            else:
+                print(f"     [{i}] {prompt.tolist()} | {target.tolist()}", file=out)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m dataset.inspect", description=__doc__.splitlines()[0])
     p.add_argument("data_path")
-    p.add_argument("--split", choices=["train", "test", "both"], default="both")
+    p.add_argument("--split", choices=["train", "validation", "test", "both"], default="both",
+                   help="both = every split (train and test; LM datasets also validation)")
     p.add_argument("--show", type=int, default=2, help="puzzles to render per split (default 2)")
     p.add_argument("--no-validate", action="store_true", help="skip the full validation pass")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     root = Path(args.data_path)
+    if (root / "meta.json").is_file() and not (root / "train" / "dataset.json").is_file():
+        from dataset.lm_tokenizer import LMDataError
+        splits = ["train", "validation", "test"] if args.split == "both" else [args.split]
+        try:
+            describe_lm(root, splits, args.show, validate=not args.no_validate)
+        except LMDataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        print(f"\n{root}: {'validated and ' if not args.no_validate else ''}inspected LM dataset in "
+              f"{time.perf_counter() - t0:.1f} s")
+        return
     with exit_on_dataset_error():
         splits = ["train", "test"] if args.split == "both" else [args.split]
         if not args.no_validate:

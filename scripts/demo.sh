@@ -23,8 +23,13 @@ latest=$(ls -d "$RUN"/step_* | sort -t_ -k2 -n | tail -1)
 .venv/bin/python - "$latest/metrics.json" <<'PY'
 import json, sys
 m = json.load(open(sys.argv[1]))
-print(f"demo: exact accuracy {100 * m['eval/exact_accuracy']:.1f}% on {int(m['eval/num_examples'])} held-out 6x6 "
-      f"puzzles (cell accuracy {100 * m['eval/accuracy']:.1f}%)")
+def pct(x):  # enough digits that a rate below 1 never prints as 100 %
+    d = 1
+    while d < 6 and x < 1 and round(100 * x, d) >= 100:
+        d += 1
+    return f"{100 * x:.{d}f}%"
+print(f"demo: exact accuracy {pct(m['eval/exact_accuracy'])} on {int(m['eval/num_examples'])} held-out 6x6 "
+      f"puzzles (cell accuracy {pct(m['eval/accuracy'])})")
 PY
 end=$(date +%s)
 echo "demo: $((end - setup_done)) s for data + training + evaluation ($((setup_done - start)) s set-up)"

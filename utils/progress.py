@@ -68,6 +68,12 @@ class Progress:
     def close(self) -> None:
         self.bar.close()
 
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def track(iterable: Iterable, total: Optional[int] = None, desc: str = "", unit: str = "it", **kw) -> Iterator:
     """`for x in track(items, desc=...)`: Progress around an iterable."""
