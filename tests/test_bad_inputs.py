@@ -150,6 +150,8 @@ CASES = {
     "beta2 negative": (lambda ws, c: ("pretrain", _tiny(ws, c, beta2=-0.1)), "'beta2' must be in [0.0, 1.0)"),
     "weight decay negative": (lambda ws, c: ("pretrain", _tiny(ws, c, weight_decay=-1)), "'weight_decay' must be >= 0"),
     "lr_min_ratio 2": (lambda ws, c: ("pretrain", _tiny(ws, c, lr_min_ratio=2)), "'lr_min_ratio' must be in [0.0, 1.0]"),
+    "arch float nan": (lambda ws, c: ("pretrain", _tiny(ws, c) + ["arch.halt_exploration_prob=nan"]),
+                       "'arch.halt_exploration_prob' must be a finite number"),
     "grad_clip inf": (lambda ws, c: ("pretrain", _tiny(ws, c, grad_clip="inf")), "'grad_clip' must be a finite number"),
     "checkpoint interval 0": (lambda ws, c: ("pretrain", _tiny(ws, c, checkpoint_interval_steps=0)),
                               "'checkpoint_interval_steps' must be >= 1; got 0"),

@@ -234,8 +234,11 @@ def _type_check_partial(config_class: type, partial: dict, fields: dict) -> None
     import typing
     from utils.schema import _coerce
     hints = typing.get_type_hints(config_class)
+    import math
     for key, value in partial.items():
-        _coerce(value, hints.get(key, Any), f"arch.{key}")
+        value = _coerce(value, hints.get(key, Any), f"arch.{key}")
+        if isinstance(value, float) and not math.isfinite(value):  # no arch knob means anything at nan/inf
+            raise ConfigError(f"config key 'arch.{key}' must be a finite number; got {value}")
 
 
 def model_config_dict(arch: dict, injected: dict) -> dict:
