@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 
@@ -13,3 +14,12 @@ def digest(root: Path) -> str:
         if p.is_file():
             h.update(str(p.relative_to(root)).encode() + p.read_bytes())
     return h.hexdigest()
+
+
+def arc_task_tree(root: Path, training: list[Path], evaluation: list[Path]) -> Path:
+    """Copy ARC task files into root/training and root/evaluation (the two subsets the ARC builder splits on)."""
+    for sub, chosen in (("training", training), ("evaluation", evaluation)):
+        (root / sub).mkdir(parents=True)
+        for f in chosen:
+            shutil.copy(f, root / sub / f.name)
+    return root

@@ -8,7 +8,7 @@ import pytest
 from dataset import build_arc_dataset as ba
 from dataset.common import (arc_grid_from_tokens, invert_arc_augmentation, parse_arc_identifier,
                             validate_puzzle_dataset)
-from data_helpers import digest
+from data_helpers import arc_task_tree, digest
 from puzzle_dataset import PuzzleDataset, PuzzleDatasetConfig
 
 N_TRAIN, N_EVAL = 12, 6
@@ -18,12 +18,7 @@ N_TRAIN, N_EVAL = 12, 6
 def arc_src(tmp_path_factory, shared_data):
     files = sorted((shared_data / "arc-agi-1" / "training").glob("*.json"))
     assert len(files) == 400
-    root = tmp_path_factory.mktemp("arc_src")
-    for sub, chosen in (("training", files[:N_TRAIN]), ("evaluation", files[N_TRAIN:N_TRAIN + N_EVAL])):
-        (root / sub).mkdir()
-        for f in chosen:
-            shutil.copy(f, root / sub / f.name)
-    return root
+    return arc_task_tree(tmp_path_factory.mktemp("arc_src"), files[:N_TRAIN], files[N_TRAIN:N_TRAIN + N_EVAL])
 
 
 @pytest.fixture(scope="module")

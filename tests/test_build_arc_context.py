@@ -10,6 +10,7 @@ from dataset import build_arc_dataset as ba
 from dataset import context as cx
 from dataset.common import (DatasetError, dihedral_transform, invert_arc_augmentation,
                             parse_arc_identifier, validate_puzzle_dataset)
+from data_helpers import arc_task_tree
 from puzzle_dataset import PuzzleDataset, PuzzleDatasetConfig
 from trainer_helpers import run_cli
 from utils import arc_scoring
@@ -53,12 +54,7 @@ def all_400(arc_files, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def arc_src(tmp_path_factory, arc_files):
-    root = tmp_path_factory.mktemp("arc_src")
-    for sub, chosen in (("training", arc_files[:N_TRAIN]), ("evaluation", arc_files[N_TRAIN:N_TRAIN + N_EVAL])):
-        (root / sub).mkdir()
-        for f in chosen:
-            shutil.copy(f, root / sub / f.name)
-    return root
+    return arc_task_tree(tmp_path_factory.mktemp("arc_src"), arc_files[:N_TRAIN], arc_files[N_TRAIN:N_TRAIN + N_EVAL])
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ from dataset import build_arc_dataset as ba
 from dataset import build_rules_dataset as br
 from dataset import context as cx
 from models.layers import context_positions
+from data_helpers import arc_task_tree
 from trainer_helpers import load_step_weights, run_cli, tiny_overrides, train
 from utils.checkpoint import list_step_dirs
 
@@ -119,11 +119,7 @@ def test_evaluate_votes_on_an_arc_context_dataset(tmp_path, shared_data):
     small = [f for f in files if max(max(np.array(g).shape) for p in json.loads(f.read_text())["train"] + json.loads(
         f.read_text())["test"] for g in (p["input"], p["output"])) <= 4][:6]
     assert len(small) == 6
-    src = tmp_path / "src"
-    for sub, chosen in (("training", small[:4]), ("evaluation", small[4:])):
-        (src / sub).mkdir(parents=True)
-        for f in chosen:
-            shutil.copy(f, src / sub / f.name)
+    src = arc_task_tree(tmp_path / "src", small[:4], small[4:])
     data = tmp_path / "arc_ctx"
     ba.main(["--mode", "context", "--dataset-dirs", str(src), "--output-dir", str(data), "--num-aug", "3",
              "--answer-side", "4"])
