@@ -132,3 +132,13 @@ def test_evaluate_votes_on_an_arc_context_dataset(tmp_path, shared_data):
     assert metrics["arc/num_tasks"] == 2.0 and 0.0 <= metrics["arc/pass@1"] <= 1.0
     sub = json.loads((tmp_path / "ev" / "submission.json").read_text())
     assert sorted(sub) == sorted(f.stem for f in small[4:])
+
+
+def test_the_two_recipes_differ_only_in_conditioning():
+    from trainer_helpers import compose
+    a, b = compose(["experiment=rules_context"]), compose(["experiment=rules_puzzle_id"])
+    assert (a.arch["puzzle_emb_ndim"], a.arch["context_emb"]) == (0, "role_grid")
+    assert (b.arch["puzzle_emb_ndim"], b.arch["context_emb"]) == (64, "none")
+    same = lambda c: ({k: v for k, v in c.arch.items() if k not in ("puzzle_emb_ndim", "context_emb")},  # noqa: E731
+                      c.global_batch_size, c.max_steps, c.lr, c.lr_min_ratio, c.lr_warmup_steps, c.seed)
+    assert same(a) == same(b)
