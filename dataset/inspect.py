@@ -14,12 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
+from dataset import context
 from dataset.common import (ARRAY_FIELDS, DatasetError, PuzzleDatasetMetadata, arc_grid_from_tokens,
                             exit_on_dataset_error, validate_puzzle_dataset)
 
 
 def guess_kind(meta: PuzzleDatasetMetadata) -> str:
     side = int(round(meta.seq_len ** 0.5))
+    if meta.vocab_size == context.CONTEXT_VOCAB_SIZE:
+        return "context"
     if meta.vocab_size == 12 and meta.seq_len == 900 and meta.num_puzzle_identifiers > 1:
         return "arc"
     if meta.vocab_size == 6 and side * side == meta.seq_len:
@@ -27,6 +30,20 @@ def guess_kind(meta: PuzzleDatasetMetadata) -> str:
     if side * side == meta.seq_len and meta.vocab_size == side + 2:
         return "sudoku"
     return "generic"
+
+
+def _grid_text(g: np.ndarray) -> list[str]:
+    return ["".join(str(v) for v in row) for row in g]
+
+
+def render_context(inputs: np.ndarray, labels: np.ndarray) -> tuple[str, str]:
+    """A context row -> (demonstrations and query, one grid after another; the answer grid)."""
+    d = context.decode_context(inputs, labels)
+    lines = []
+    for k, (i, o) in enumerate(d["demos"], 1):
+        lines += [f"demo {k} in"] + _grid_text(i) + [f"demo {k} out"] + _grid_text(o)
+    lines += ["query"] + _grid_text(d["query"])
+    return "\n".join(lines), "\n".join(["answer"] + _grid_text(d["answer"]))
 
 
 def render(tokens: np.ndarray, kind: str, seq_len: int) -> str:
@@ -80,8 +97,11 @@ def describe(data_path: Path, split: str, show: int, out=sys.stdout) -> None:
             label = names[pid] if names and pid < len(names) else str(pid)
             row = int(pi[p])
             print(f"\n   puzzle {p} (id {pid} {label!r}), example row {row}:", file=out)
-            inp = render(a["inputs"][row], kind, meta.seq_len).splitlines()
-            lab = render(a["labels"][row], kind, meta.seq_len).splitlines()
+            if kind == "context":
+                inp, lab = (t.splitlines() for t in render_context(a["inputs"][row], a["labels"][row]))
+            else:
+                inp = render(a["inputs"][row], kind, meta.seq_len).splitlines()
+                lab = render(a["labels"][row], kind, meta.seq_len).splitlines()
             width = max(len(x) for x in inp) if inp else 0
             for i in range(max(len(inp), len(lab))):
                 left = inp[i] if i < len(inp) else ""

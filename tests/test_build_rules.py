@@ -204,3 +204,13 @@ def test_bad_arguments_are_one_line(tmp_path, argv, expected):
     lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and expected in lines[0], proc.stderr
     assert not out.exists()
+
+
+def test_inspect_renders_context_rows(ctx_built):
+    import io
+
+    from dataset.inspect import describe
+    out = io.StringIO()
+    describe(ctx_built, "test", 1, out=out)
+    text = out.getvalue()
+    assert "looks like: context" in text and "demo 3 out" in text and "query" in text and "answer" in text
