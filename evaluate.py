@@ -2,6 +2,7 @@
 
     python evaluate.py checkpoint=checkpoints/<project>/<run>/step_N
     python evaluate.py checkpoint=path/to/original/step_26040 data_path=data/sudoku-extreme-1k-aug-1000
+    python evaluate.py checkpoint=... eval_halting=q eval_samples=16 eval_noise_std=0.1 eval_select=vote
     torchrun --nproc-per-node 8 evaluate.py checkpoint=...
 
 Accepts our step dirs and the original's `step_N` files (with `all_config.yaml` beside them). A step dir
@@ -10,11 +11,13 @@ with `ema.safetensors` (a run with ema=true) is evaluated with its EMA weights, 
 `output_dir` (default: the step dir, or `<file>_eval/` for an original checkpoint):
   predictions.npz  inputs, labels, puzzle_identifiers, preds (argmax tokens), q_halt_logits; real rows only
   metrics.json     the flat eval/... metrics (+ arc/pass@1, pass@2, pass@10 for ARC datasets)
-  submission.json  ARC-Prize format (ARC datasets only)"""
+  submission.json  ARC-Prize format (ARC datasets only)
+and prints one table: metric, value, 95 % interval, segments used, samples, dataset, checkpoint.
+The inference keys (eval_halting, eval_max_segments, eval_samples, eval_noise_std, eval_select; see
+config/cfg_pretrain.yaml) default to the checkpoint's config; `seed` seeds the sampling noise."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -27,12 +30,17 @@ from dataset.context import EXAMPLE_NAMES, is_context_dataset
 from utils.checkpoint import CheckpointError, ema_file, load_model_from_checkpoint, resolve_checkpoint, write_json_atomic
 from utils.data import data_errors, dataset_kind, make_dataset, make_loader, validate_dataset
 from utils.distributed import init_distributed, shutdown_distributed
-from utils.evaluation import evaluate, output_row_order
-from utils.schema import ConfigError
+from utils.config import check_eval_keys
+from utils.eval_metrics import dataset_task, metrics_table
+from utils.evaluation import evaluate, output_row_order, score_arc
+from utils.inference import InferenceSettings
+from utils.schema import ConfigError, apply_key_values
 
 SAVE_KEYS = ["inputs", "labels", "puzzle_identifiers", "preds", "q_halt_logits"]
 OPTIONS = ("checkpoint", "data_path", "output_dir", "eval_batch_size", "max_eval_batches", "device", "split", "arc",
-           "ema")
+           "ema", "eval_halting", "eval_max_segments", "eval_samples", "eval_noise_std", "eval_select", "seed")
+INT_OPTIONS = ("eval_batch_size", "max_eval_batches", "eval_max_segments", "eval_samples", "seed")
+INFERENCE_OPTIONS = ("eval_halting", "eval_max_segments", "eval_samples", "eval_noise_std", "eval_select")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -50,20 +58,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--arc", default=None, help="auto | true | false: ARC voting and pass@K (default auto)")
     parser.add_argument("--ema", default=None, help="auto | true | false: the checkpoint's EMA weights (default auto: "
                                                     "when it has them)")
+    for key in INFERENCE_OPTIONS + ("seed",):
+        parser.add_argument("--" + key.replace("_", "-"), dest=key, default=None,
+                            type=int if key in INT_OPTIONS else float if key == "eval_noise_std" else str)
     args = parser.parse_args(argv)
-    from utils.schema import unknown_key_message
-    for word in args.overrides:
-        if "=" not in word:
-            raise ConfigError(f"argument '{word}' is not key=value (keys: {', '.join(OPTIONS)})")
-        key, value = word.split("=", 1)
-        if key not in OPTIONS:
-            raise ConfigError(unknown_key_message(key, OPTIONS, ""))
-        if key in ("eval_batch_size", "max_eval_batches"):
-            try:
-                value = int(value)
-            except ValueError:
-                raise ConfigError(f"'{key}' expects an integer, got {value!r}") from None
-        setattr(args, key, value)
+    apply_key_values(args, args.overrides, OPTIONS, ints=INT_OPTIONS, floats=("eval_noise_std",))
+    check_eval_keys({k: getattr(args, k) for k in INFERENCE_OPTIONS if getattr(args, k) is not None})
     if not args.checkpoint:
         raise ConfigError("checkpoint=<step dir or original step_N file> is required")
     args.device = args.device or "auto"
@@ -74,14 +74,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             raise ConfigError(f"'{key}' must be auto, true or false; got {value!r}")
         setattr(args, key, value)
     return args
-
-
-def is_arc_dataset(data_path: str) -> bool:
-    meta_file = Path(data_path) / "train" / "dataset.json"
-    if not (Path(data_path) / "identifiers.json").is_file() or not meta_file.is_file():
-        return False
-    meta = json.loads(meta_file.read_text())
-    return meta.get("seq_len") == 900 and meta.get("vocab_size") == 12
 
 
 def check_data_fits(head, meta, checkpoint: str, data_path: str, split: str, puzzle: bool) -> None:
@@ -128,18 +120,25 @@ def run(args: argparse.Namespace) -> dict:
                            epochs_per_iter=1, rank=info.rank, world_size=info.world_size)
     puzzle = dataset_kind(data_path) == "puzzle"
     check_data_fits(head, dataset.metadata, args.checkpoint, data_path, args.split, puzzle)
+    task = dataset_task(data_path) if puzzle else None
     in_context = puzzle and is_context_dataset(data_path, args.split)
-    arc_data = puzzle and (is_arc_dataset(data_path) or in_context)
+    arc_data = puzzle and (task == "arc" or in_context)
     arc = args.arc == "true" or (args.arc == "auto" and arc_data)
     if arc and not arc_data:
         raise ConfigError(f"arc=true, but '{data_path}' is not an ARC dataset ({arc_mismatch(data_path)}); "
                           "use arc=auto or false for other puzzles")
+    settings = inference_settings(cfg, args)
     if info.is_main:
         print(f"evaluating {args.checkpoint} on {data_path}/{args.split} (global batch {gbs}"
               + (", then ARC voting)" if arc else ")"), flush=True)
     metrics, outputs = evaluate(head, make_loader(dataset, num_workers=1), info, device=info.device,
                                 mixed_precision=cfg.mixed_precision, max_batches=args.max_eval_batches,
-                                save_keys=SAVE_KEYS if puzzle else [], global_batch_size=gbs, progress=True)
+                                save_keys=SAVE_KEYS if puzzle else [], global_batch_size=gbs, progress=True,
+                                settings=settings, task=task)
+    tasks = None
+    if arc and not in_context:  # every rank takes part: rank 0 votes and shares the numbers
+        arc_metrics, tasks = score_arc(outputs, data_path, info)
+        metrics.update(arc_metrics)
     if not info.is_main:
         return metrics
 
@@ -151,29 +150,38 @@ def run(args: argparse.Namespace) -> dict:
         tmp = out_dir / f".tmp-predictions-{os.getpid()}.npz"
         np.savez_compressed(tmp, **outputs)
         os.replace(tmp, out_dir / "predictions.npz")
-    if arc and outputs:
+    if arc and in_context and outputs:
         from utils import arc_scoring
-        if in_context:  # names per example, in dataset order; outputs come rank-interleaved
-            names = arc_scoring.load_identifiers(data_path)
-            split_dir = Path(data_path) / args.split
-            name_ids = [np.load(split_dir / f"{s}__{EXAMPLE_NAMES}.npy") for s in dataset.metadata.sets]
-            rows = output_row_order([len(n) for n in name_ids], gbs, info.world_size, args.max_eval_batches)
-            row_names = [names[i] for i in np.concatenate(name_ids)[rows]]
-            tasks = arc_scoring.vote_context(outputs["inputs"], outputs["labels"], outputs["preds"],
-                                             outputs["q_halt_logits"], row_names)
-        else:
-            tasks = arc_scoring.vote(outputs["inputs"], outputs["labels"], outputs["preds"],
-                                     outputs["puzzle_identifiers"], outputs["q_halt_logits"],
-                                     arc_scoring.load_identifiers(data_path))
+        # names per example, in dataset order; outputs come rank-interleaved
+        names = arc_scoring.load_identifiers(data_path)
+        split_dir = Path(data_path) / args.split
+        name_ids = [np.load(split_dir / f"{s}__{EXAMPLE_NAMES}.npy") for s in dataset.metadata.sets]
+        rows = output_row_order([len(n) for n in name_ids], gbs, info.world_size, args.max_eval_batches)
+        row_names = [names[i] for i in np.concatenate(name_ids)[rows]]
+        tasks = arc_scoring.vote_context(outputs["inputs"], outputs["labels"], outputs["preds"],
+                                         outputs["q_halt_logits"], row_names)
         metrics.update({f"arc/{k}": v for k, v in arc_scoring.pass_at_k(tasks).items()})
+    if tasks is not None:
+        from utils import arc_scoring
         write_json_atomic(out_dir / "submission.json", arc_scoring.submission(tasks))
     metrics["eval/num_examples"] = float(len(outputs["preds"])) if outputs else float("nan")
     write_json_atomic(out_dir / "metrics.json", metrics)
+    if puzzle:
+        print(metrics_table(metrics, f"{data_path}/{args.split}", str(args.checkpoint)), flush=True)
     shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.endswith(("accuracy", "pass@1", "pass@2", "ppl")))
     print(f"evaluated {args.checkpoint} ({'EMA' if use_ema else 'live'} weights) on {data_path}/{args.split}: "
           f"{shown} ({time.time() - t0:.1f} s); "
           f"wrote {out_dir}/metrics.json", flush=True)
     return metrics
+
+
+def inference_settings(cfg, args: argparse.Namespace) -> InferenceSettings:
+    """The checkpoint config's inference keys, overridden by the command line's."""
+    values = {k: getattr(cfg, k) for k in INFERENCE_OPTIONS}
+    values.update({k: getattr(args, k) for k in INFERENCE_OPTIONS if getattr(args, k) is not None})
+    return InferenceSettings(halting=values["eval_halting"], max_segments=values["eval_max_segments"],
+                             samples=values["eval_samples"], noise_std=float(values["eval_noise_std"]),
+                             select=values["eval_select"], seed=cfg.seed if args.seed is None else args.seed)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -36,7 +36,9 @@ from utils.data import batches_per_epoch, data_errors, make_dataset, make_loader
 from utils.distributed import (DistInfo, all_gather_object, all_reduce_grads, barrier, broadcast_module_state,
                                broadcast_object, init_distributed, shutdown_distributed)
 from utils.ema import WeightEMA
-from utils.evaluation import MetricAccumulator, evaluate, reduce_metrics
+from utils.eval_metrics import dataset_task, summary_line
+from utils.evaluation import ARC_KEYS, MetricAccumulator, evaluate, reduce_metrics, score_arc
+from utils.inference import InferenceSettings
 from utils.logger import MetricLogger
 from utils.modeling import (autocast_context, build_head, derive_seed, inner_model, prepare_for_training,
                             puzzle_embedding, set_exploration_generator)
@@ -303,14 +305,20 @@ def weights_finite(module: torch.nn.Module) -> bool:
 def run_eval(run: Run) -> None:
     """Evaluate (the EMA weights when cfg.ema), log, checkpoint, track the best model, early-stop."""
     cfg, info = run.cfg, run.info
+    task = dataset_task(cfg.data_path)  # the context-format ARC build votes differently (evaluate.py only)
+    save_keys = list(cfg.eval_save_outputs) + ([k for k in ARC_KEYS if k not in cfg.eval_save_outputs] if task == "arc" else [])
     with run.ema.applied() if run.ema is not None else contextlib.nullcontext():
         metrics, outputs = evaluate(run.head, run.eval_loader, info, device=info.device,
                                     mixed_precision=cfg.mixed_precision, max_batches=cfg.max_eval_batches,
-                                    save_keys=cfg.eval_save_outputs,
-                                    global_batch_size=cfg.eval_batch_size or cfg.global_batch_size, progress=True)
+                                    save_keys=save_keys, global_batch_size=cfg.eval_batch_size or cfg.global_batch_size,
+                                    progress=True, settings=InferenceSettings.from_config(cfg), task=task)
+    if task == "arc":  # pass@1/2 in every eval, as evaluate.py reports them
+        metrics.update(score_arc(outputs, cfg.data_path, info)[0])
+        outputs = {k: v for k, v in outputs.items() if k in cfg.eval_save_outputs} if outputs else outputs
     run.logger.log(metrics, step=run.step)
     if info.is_main:
-        print(f"eval at step {run.step}: " + " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())
+        summary = summary_line(metrics)
+        print(f"eval at step {run.step}: " + (f"{summary}; " if summary else "") + " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())
                                                     if isinstance(v, (int, float))), flush=True)
     run.last_eval = {**metrics, "_step": run.step}
     improved = track_best(run, metrics)

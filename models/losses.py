@@ -61,24 +61,24 @@ class ACTLossHead(nn.Module):
     def initial_carry(self, *args, **kwargs):
         return self.model.initial_carry(*args, **kwargs)
 
-    def forward(self, return_keys: Sequence[str], **model_kwargs):
-        new_carry, outputs = self.model(**model_kwargs)
-        labels = new_carry.current_data["labels"]
+    def score(self, labels: torch.Tensor, outputs: dict[str, torch.Tensor], steps: torch.Tensor,
+              halted: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """(metrics over the halted rows, lm_loss, q_halt_loss) of one segment's outputs; the losses keep
+        their graph. Also called by the evaluation on each row's last segment (utils/inference.py)."""
         logits = outputs["logits"]
-
         with torch.no_grad():
             mask = labels != IGNORE_LABEL_ID
             loss_counts = mask.sum(-1)
             loss_divisor = loss_counts.clamp_min(1).unsqueeze(-1)  # [B, 1]
             is_correct = mask & (torch.argmax(logits, dim=-1) == labels)
             seq_is_correct = is_correct.sum(-1) == loss_counts  # all-ignored rows count as correct
-            valid = new_carry.halted & (loss_counts > 0)
+            valid = halted & (loss_counts > 0)
             metrics = {
                 "count": valid.sum(),
                 "accuracy": torch.where(valid, (is_correct.to(torch.float32) / loss_divisor).sum(-1), 0).sum(),
                 "exact_accuracy": (valid & seq_is_correct).sum(),
                 "q_halt_accuracy": (valid & ((outputs["q_halt_logits"] >= 0) == seq_is_correct)).sum(),
-                "steps": torch.where(valid, new_carry.steps, 0).sum(),
+                "steps": torch.where(valid, steps, 0).sum(),
             }
 
         # Every row contributes at every segment (deep supervision), not only halted rows.
@@ -87,6 +87,12 @@ class ACTLossHead(nn.Module):
             outputs["q_halt_logits"], seq_is_correct.to(outputs["q_halt_logits"].dtype), reduction="sum")
         metrics["lm_loss"] = lm_loss.detach()
         metrics["q_halt_loss"] = q_halt_loss.detach()
+        return metrics, lm_loss, q_halt_loss
+
+    def forward(self, return_keys: Sequence[str], **model_kwargs):
+        new_carry, outputs = self.model(**model_kwargs)
+        metrics, lm_loss, q_halt_loss = self.score(new_carry.current_data["labels"], outputs, new_carry.steps,
+                                                   new_carry.halted)
 
         q_continue_loss = 0
         if "target_q_continue" in outputs:

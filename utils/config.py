@@ -83,6 +83,11 @@ class PretrainConfig:
     max_eval_batches: Optional[int] = None
     eval_batch_size: Optional[int] = None   # global; default = global_batch_size
     eval_split: str = "test"
+    eval_halting: str = "all"               # all (the original: every segment) | q (stop at the arch's halt rule)
+    eval_max_segments: Optional[int] = None  # eval budget in ACT segments; None = arch.halt_max_steps
+    eval_samples: int = 1                   # K trajectories per puzzle (batched), one answer chosen
+    eval_noise_std: float = 0.0             # Gaussian noise on the latent per recursion step, x its RMS
+    eval_select: str = "q"                  # q | first_halt | vote: how the answer is chosen among K
     logger: str = "auto"                    # auto | wandb | jsonl | none (jsonl is always written by wandb too)
     wandb_group: Optional[str] = None       # default: one group per multirun sweep
     max_steps: Optional[int] = None         # stop (with a checkpoint) after this many steps
@@ -98,6 +103,8 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "logger": ("auto", "wandb", "jsonl", "none"),
     "nonfinite_loss": ("stop", "skip"),
+    "eval_halting": ("all", "q"),
+    "eval_select": ("q", "first_halt", "vote"),
 }
 
 # Allowed ranges of the numeric keys: key -> (low, high, high excluded). Null stays allowed where the schema
@@ -134,6 +141,24 @@ def check_bounds(cfg) -> None:
             raise ConfigError(f"config key '{key}' must be {wanted}; got {value}")
 
 
+def check_eval_keys(values: dict) -> None:
+    """The inference keys (eval_halting, eval_max_segments, eval_samples, eval_noise_std, eval_select),
+    shared by pretrain.py and evaluate.py: one ConfigError line for the first bad one."""
+    import math
+    for key in ("eval_halting", "eval_select"):
+        if key in values and values[key] not in CHOICES[key]:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(CHOICES[key])}; got {values[key]!r}")
+    samples = values.get("eval_samples", 1)
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ConfigError(f"config key 'eval_samples' must be an integer >= 1; got {samples!r}")
+    std = values.get("eval_noise_std", 0.0)
+    if isinstance(std, bool) or not isinstance(std, (int, float)) or not math.isfinite(std) or std < 0:
+        raise ConfigError(f"config key 'eval_noise_std' must be a finite number >= 0; got {std!r}")
+    cap = values.get("eval_max_segments")
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        raise ConfigError(f"config key 'eval_max_segments' must be an integer >= 1 or null; got {cap!r}")
+
+
 def build_config(raw: dict) -> PretrainConfig:
     """Composed (resolved) config dict -> PretrainConfig, refusing unknown or mistyped keys."""
     raw = dict(raw)
@@ -164,6 +189,7 @@ def build_config(raw: dict) -> PretrainConfig:
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}; got {getattr(cfg, key)!r}")
+    check_eval_keys(dataclasses.asdict(cfg))
     if cfg.save_best.mode not in ("max", "min"):
         raise ConfigError(f"config key 'save_best.mode' must be max or min; got {cfg.save_best.mode!r}")
     check_bounds(cfg)

@@ -10,8 +10,12 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
-from utils.distributed import DistInfo, all_gather_object, all_reduce_sum
+from utils.distributed import DistInfo, all_gather_object, all_reduce_sum, broadcast_object
+from utils.eval_metrics import wilson_interval
+from utils.inference import (TALLY_KEYS, InferenceSettings, infer_batch, sample_generator, segment_flops_per_row,
+                             supports_noise, supports_segments)
 from utils.modeling import autocast_context
+from utils.schema import ConfigError
 
 BATCH_KEYS = ("inputs", "labels", "puzzle_identifiers")
 
@@ -81,11 +85,25 @@ def _real_rows(effective: int, local_batch: int, rank: int) -> int:
 @torch.inference_mode()
 def evaluate(head: torch.nn.Module, loader, info: DistInfo, *, device: torch.device, mixed_precision: str = "none",
              max_batches: Optional[int] = None, save_keys: Iterable[str] = (), global_batch_size: int = 1,
-             progress: bool = False) -> tuple[dict[str, float], Optional[dict[str, np.ndarray]]]:
-    """Run the split once (each batch until every row halted). Returns (flat `eval/...` metrics,
-    outputs gathered on rank 0 or None). `save_keys` may name batch keys, output keys, and `preds`
-    (argmax of the logits); padding rows are dropped from the outputs."""
+             progress: bool = False, settings: Optional[InferenceSettings] = None,
+             task: Optional[str] = None) -> tuple[dict[str, float], Optional[dict[str, np.ndarray]]]:
+    """Run the split once. Returns (flat `eval/...` metrics, outputs gathered on rank 0 or None).
+    `save_keys` may name batch keys, output keys, and `preds` (argmax of the logits); padding rows are
+    dropped from the outputs. ACT models run under `settings` (eval halting, K samples, noise; see
+    utils/inference.py; default: every row for halt_max_steps segments, the original's eval); other
+    heads run each batch until every row halted. `task` ('maze', 'arc', ...; utils.eval_metrics.
+    dataset_task) switches on task metrics."""
     save_keys = list(save_keys)
+    settings = settings or InferenceSettings()
+    model = getattr(head, "model", None)
+    segmented = model is not None and hasattr(head, "score") and supports_segments(model)
+    if not segmented and not (settings.deterministic and settings.halting == "all" and settings.max_segments is None):
+        raise ConfigError(f"{type(model or head).__name__} does not support eval_halting/eval_max_segments/"
+                         "eval_samples/eval_noise_std (no ACT segment protocol; see utils/inference.py)")
+    if settings.noise_std > 0 and not supports_noise(model):
+        raise ConfigError(f"{type(model).__name__} has no recursion step hook: eval_noise_std must be 0")
+    generator = sample_generator(settings, info.rank, device)
+    flops_per_segment = segment_flops_per_row(model) if segmented else None
     return_keys = sorted({("logits" if k == "preds" else k) for k in save_keys if k not in BATCH_KEYS})
     was_training = head.training
     head.eval()
@@ -106,12 +124,16 @@ def evaluate(head: torch.nn.Module, loader, info: DistInfo, *, device: torch.dev
             if max_batches is not None and batch_index >= max_batches:
                 break
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            carry = head.initial_carry(batch)
-            while True:
+            if segmented:
                 with autocast_context(device, mixed_precision):
-                    carry, _, metrics, outputs, all_halted = head(return_keys=return_keys, carry=carry, batch=batch)
-                if bool(all_halted):  # eval is not the hot path: one sync per segment is fine
-                    break
+                    metrics, outputs = infer_batch(head, batch, settings, generator=generator, task=task)
+            else:
+                carry = head.initial_carry(batch)
+                while True:
+                    with autocast_context(device, mixed_precision):
+                        carry, _, metrics, outputs, all_halted = head(return_keys=return_keys, carry=carry, batch=batch)
+                    if bool(all_halted):  # eval is not the hot path: one sync per segment is fine
+                        break
             per_set.setdefault(set_name, MetricAccumulator()).add(metrics)
             if save_keys:
                 n = _real_rows(int(effective), next(iter(batch.values())).shape[0], info.rank)
@@ -144,9 +166,9 @@ def evaluate(head: torch.nn.Module, loader, info: DistInfo, *, device: torch.dev
             total.sums[k] = total.sums[k] + v if k in total.sums else v
         total.calls += acc.calls
         if len(set_names) > 1:
-            for k, v in reduce_metrics(head, sums, "eval", global_batch_size).items():
+            for k, v in finish_eval_metrics(head, sums, global_batch_size, settings, flops_per_segment).items():
                 flat[f"eval/{name}/{k}"] = v
-    for k, v in reduce_metrics(head, total.reduce(info), "eval", global_batch_size).items():
+    for k, v in finish_eval_metrics(head, total.reduce(info), global_batch_size, settings, flops_per_segment).items():
         flat[f"eval/{k}"] = v
 
     gathered = None
@@ -156,6 +178,48 @@ def evaluate(head: torch.nn.Module, loader, info: DistInfo, *, device: torch.dev
         if info.is_main:
             gathered = _interleave_ranks(parts, save_keys)
     return flat, gathered
+
+
+def finish_eval_metrics(head: torch.nn.Module, sums: dict[str, float], global_batch_size: int,
+                        settings: InferenceSettings, flops_per_segment: Optional[float]) -> dict[str, float]:
+    """Reduced metrics plus 95 % Wilson intervals (`<metric>_ci_low/high`) of every per-puzzle success rate
+    and of token accuracy (over labelled tokens, taken as independent: too narrow where a model's errors
+    cluster in some puzzles), the mean segments per trajectory, FLOPs per puzzle (all K trajectories,
+    forward only) and K."""
+    sums = dict(sums)
+    tallies = {k: sums.pop(k) for k in TALLY_KEYS if k in sums}
+    out = reduce_metrics(head, sums, "eval", global_batch_size)
+    count = sums.get("count")
+    if count is None:
+        return out
+    for key in ("exact_accuracy", "maze_optimal_path", "oracle_exact_accuracy"):
+        if key in sums:
+            out[f"{key}_ci_low"], out[f"{key}_ci_high"] = wilson_interval(sums[key], count)
+    if "tokens" in tallies:
+        out["accuracy_ci_low"], out["accuracy_ci_high"] = wilson_interval(tallies["tokens_correct"], tallies["tokens"])
+    if "segments" in tallies:
+        per_puzzle = tallies["segments"] / max(count, 1.0)
+        out["segments_mean"] = per_puzzle / settings.samples
+        out["samples"] = float(settings.samples)
+        if flops_per_segment is not None:
+            out["flops_per_puzzle"] = per_puzzle * flops_per_segment
+    return out
+
+
+def score_arc(outputs: Optional[dict[str, np.ndarray]], data_path: str, info: DistInfo):
+    """ARC pass@1/2/10 (vote over augmentations, utils/arc_scoring.py) of gathered eval outputs, for
+    pretrain.py's evals and evaluate.py alike. Every rank calls it; rank 0 scores and shares the numbers.
+    -> ({`arc/pass@K`: ..., `arc/num_tasks`: ...}, the voted tasks on rank 0 else None)."""
+    from utils import arc_scoring
+    tasks, metrics = None, None
+    if info.is_main and outputs:
+        tasks = arc_scoring.vote(outputs["inputs"], outputs["labels"], outputs["preds"], outputs["puzzle_identifiers"],
+                                 outputs["q_halt_logits"], arc_scoring.load_identifiers(data_path))
+        metrics = {f"arc/{k}": v for k, v in arc_scoring.pass_at_k(tasks).items()}
+    return broadcast_object(metrics, info) or {}, tasks
+
+
+ARC_KEYS = ("inputs", "labels", "puzzle_identifiers", "preds", "q_halt_logits")
 
 
 def _interleave_ranks(parts: list[dict[str, np.ndarray]], keys: list[str]) -> dict[str, np.ndarray]:

@@ -90,3 +90,24 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
             raise ConfigError(f"config key '{path}' is required")
     return cls(**kwargs)
+
+
+def apply_key_values(target: Any, words: Iterable[str], options: Iterable[str], ints: Iterable[str] = (),
+                     floats: Iterable[str] = ()) -> None:
+    """The `key=value` words of a script's command line (evaluate.py, solve.py) set onto `target`: unknown
+    keys name the closest valid one; `ints`/`floats` are converted (`null` gives None), one error line each."""
+    options, ints, floats = list(options), set(ints), set(floats)
+    for word in words:
+        if "=" not in word:
+            raise ConfigError(f"argument '{word}' is not key=value (keys: {', '.join(options)})")
+        key, value = word.split("=", 1)
+        if key not in options:
+            raise ConfigError(unknown_key_message(key, options, ""))
+        if (key in ints or key in floats) and value != "null":
+            try:
+                value = int(value) if key in ints else float(value)
+            except ValueError:
+                raise ConfigError(f"'{key}' expects {'an integer' if key in ints else 'a number'}, got {value!r}") from None
+        elif value == "null":
+            value = None
+        setattr(target, key, value)

@@ -212,12 +212,8 @@ class HierarchicalReasoningModel_ACTV1(ACTModel):
 
     # ------------------------------------------------------------------------------------------
 
-    def estimate_flops(self, batch_size: int) -> float:
-        """Approximate FLOPs of one training step (matmuls and attention only; 2 FLOPs per MAC).
-
-        Forward of one segment = H_cycles*L_cycles L-calls + H_cycles H-calls; the target-Q forward
-        (training, halt_max_steps > 1) repeats it without the lm_head; the backward costs 2x the
-        forward of the differentiated part (last L-call, last H-call, heads)."""
+    def _recursion_flops(self, batch_size: int) -> tuple[int, int, int]:
+        """(one segment's recursion, one L-call, one H-call) forward FLOPs for `batch_size` rows."""
         cfg = self.config
         D = cfg.hidden_size
         T = batch_size * (cfg.seq_len + self.inner.puzzle_emb_len)
@@ -229,9 +225,20 @@ class HierarchicalReasoningModel_ACTV1(ACTModel):
             gate_H = 2 * T * 2 * (2 * D * r)
         call_L = cfg.L_layers * block + gate_L
         call_H = cfg.H_layers * block + gate_H
-        segment = cfg.H_cycles * cfg.L_cycles * call_L + cfg.H_cycles * call_H
+        return cfg.H_cycles * cfg.L_cycles * call_L + cfg.H_cycles * call_H, call_L, call_H
+
+    def segment_flops(self, batch_size: int = 1) -> float:
+        """Forward FLOPs of one ACT segment at evaluation (recursion + heads; eval's FLOPs per puzzle)."""
+        return float(self._recursion_flops(batch_size)[0] + self.inner.heads_flops(batch_size))
+
+    def estimate_flops(self, batch_size: int) -> float:
+        """Approximate FLOPs of one training step (matmuls and attention only; 2 FLOPs per MAC).
+
+        Forward of one segment = H_cycles*L_cycles L-calls + H_cycles H-calls; the target-Q forward
+        (training, halt_max_steps > 1) repeats it without the lm_head; the backward costs 2x the
+        forward of the differentiated part (last L-call, last H-call, heads)."""
+        segment, call_L, call_H = self._recursion_flops(batch_size)
         heads = self.inner.heads_flops(batch_size)
-        forward = segment + heads
-        target_q = segment if cfg.halt_max_steps > 1 else 0
+        target_q = segment if self.config.halt_max_steps > 1 else 0
         backward = 2 * (call_L + call_H + heads)
-        return float(forward + target_q + backward)
+        return float(segment + heads + target_q + backward)

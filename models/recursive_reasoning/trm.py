@@ -137,13 +137,22 @@ class TinyRecursiveReasoningModel_ACTV1(ACTModel):
             return q_halt_logits > 0
         return q_halt_logits > q_continue_logits
 
+    def _call_flops(self, batch_size: int) -> int:
+        """Forward FLOPs of one network call (L_layers blocks) for `batch_size` rows."""
+        T = batch_size * (self.config.seq_len + self.inner.puzzle_emb_len)
+        return self.config.L_layers * self.inner.block_flops(T, batch_size)
+
+    def segment_flops(self, batch_size: int = 1) -> float:
+        """Forward FLOPs of one ACT call at evaluation (H_cycles * (L_cycles + 1) network calls + heads)."""
+        cfg = self.config
+        return float(cfg.H_cycles * (cfg.L_cycles + 1) * self._call_flops(batch_size) + self.inner.heads_flops(batch_size))
+
     def estimate_flops(self, batch_size: int) -> float:
         """Approximate FLOPs of one training step (matmuls and attention; 2 FLOPs per MAC): H_cycles *
         (L_cycles + 1) network calls forward, 2x the last cycle's calls and the heads backward, and one more
         forward segment for the Q-continue target when it is bootstrapped."""
         cfg = self.config
-        T = batch_size * (cfg.seq_len + self.inner.puzzle_emb_len)
-        call = cfg.L_layers * self.inner.block_flops(T, batch_size)
+        call = self._call_flops(batch_size)
         segment = cfg.H_cycles * (cfg.L_cycles + 1) * call
         heads = self.inner.heads_flops(batch_size)
         target_q = segment if self.bootstraps_q_continue and cfg.halt_max_steps > 1 else 0
