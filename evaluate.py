@@ -18,6 +18,7 @@ config/cfg_pretrain.yaml) default to the checkpoint's config; `seed` seeds the s
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time

@@ -1,6 +1,6 @@
 """Run a trained checkpoint on one puzzle of your own and print its answer.
 
-    python solve.py checkpoint=checkpoints/demo/sudoku-6x6/step_2496 puzzle=".2.4..1.....3.5......4.....6..."
+    python solve.py checkpoint=checkpoints/demo/sudoku-6x6/step_2496 puzzle="6.1.4353461.246.5131.264.521..163425"
     python solve.py checkpoint=... puzzle=my_sudoku.txt --steps      # each segment's answer as it refines
     python solve.py checkpoint=... puzzle=maze.txt                    # text rows of '#', ' ', 'S', 'G'
     python solve.py checkpoint=... puzzle=task.json                   # an ARC task (its test inputs)
@@ -47,7 +47,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="key=value, keys: " + ", ".join(OPTIONS))
     parser.add_argument("--steps", action="store_true", help="print each segment's answer")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # --steps may stand between key=value words
     for key in OPTIONS:
         setattr(args, key, None)
     apply_key_values(args, args.overrides, OPTIONS, ints=INT_OPTIONS, floats=("eval_noise_std",))
