@@ -215,8 +215,9 @@ def infer_batch(head: torch.nn.Module, batch: dict[str, torch.Tensor], settings:
     pick = (lambda t: t) if chosen is None else (lambda t: t[chosen])
     outputs = {"logits": pick(traj.logits), "q_halt_logits": pick(traj.q_halt),
                "q_continue_logits": pick(traj.q_continue), "steps": pick(traj.steps)}
-    if capture_segments:
+    if capture_segments:  # each segment's answer [B, T, L] and the 1-based segment the row halted at
         outputs["segment_preds"] = pick(traj.segment_preds)
+        outputs["segment_steps"] = outputs["steps"]
     everyone = torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
     metrics, _, _ = head.score(labels, outputs, outputs["steps"], everyone)
     metrics.update({k: v for k, v in traj.stats.items() if k.startswith("gate/")})
