@@ -144,7 +144,7 @@ def _newest_step(box: Path, lm: bool) -> str:
 
 
 def _placeholder(word: str) -> bool:
-    return "PLACEHOLDER" in word or "path/to/" in word
+    return "PLACEHOLDER" in word or "path/to/" in word or "..." in word
 
 
 def _tiny_pretrain_args(args: list[str]) -> list[str]:
@@ -201,6 +201,11 @@ class Checker:
         assert "Traceback" not in proc.stderr, f"{cmd}\n{proc.stderr[-2500:]}"
         return what
 
+    def missing_run(self, arg: str) -> bool:
+        """`arg` names a run artefact (checkpoints/...) that only a long run would have made."""
+        value = arg.split("=", 1)[-1]
+        return value.startswith("checkpoints/") and not (self.box / value).exists()
+
     def check(self, cmd: Command) -> str:
         """Run or check one command; returns what was done; fails the test when the command fails."""
         # <placeholders> (which may hold spaces) become one word; a user types a path there
@@ -239,6 +244,9 @@ class Checker:
                                                              (slow_build and not self.full)):
                     _builder_parses(module, ["src" if _placeholder(a) else a for a in rest])
                     return "builder parser accepts the arguments"
+                if any(_placeholder(a) or self.missing_run(a) for a in rest):  # another tool, with `...` or the
+                    # checkpoints of a long run for its arguments
+                    return run(shlex.join([words[0], "-m", module, "--help"]), what="--help works")
                 return run(shlex.join([words[0], "-m", module, *rest]))
             return self.script(cmd, args[0], args[1:], run, multi_gpu=False, python=words[0])
         raise AssertionError(f"{cmd}: no rule of {__name__} covers program '{prog}'")
@@ -269,7 +277,7 @@ class Checker:
                 importlib.import_module(name[:-3]).parse_args(fixed)
                 return "argument parser accepts the arguments"
             return run(shlex.join([python, script, *fixed]), what="ran (placeholders -> sandbox checkpoint/data)")
-        # another entry point: at least its --help must work
+        # another entry point (solve.py, visualize.py, ...): at least its --help must work
         return run(shlex.join([python, script, "--help"]), what="--help works")
 
 
