@@ -167,3 +167,16 @@ def test_evaluate_writes_a_valid_arc_submission_and_refuses_arc_on_other_data(tm
     with pytest.raises(ConfigError, match="arc=true, but '.*sudoku' is not an ARC dataset .*seq_len 16"):
         evaluate.run(evaluate.parse_args([f"checkpoint={tmp_path / 'srun' / 'step_1'}", "arc=true", "device=cpu"]))
     assert not (tmp_path / "srun" / "step_1" / "metrics.json").exists()
+
+
+def test_pretrain_evals_report_arc_pass_at_k(tmp_path):
+    """pretrain.py's evals on an ARC dataset vote and report pass@1/2/10 with the same code as evaluate.py."""
+    from dataset import build_arc_dataset
+    from trainer_helpers import tiny_overrides, train
+    _write_arc_tasks(tmp_path / "src", np.random.default_rng(1))
+    data = tmp_path / "arc"
+    build_arc_dataset.main(["--dataset-dirs", str(tmp_path / "src"), "--output-dir", str(data), "--num-aug", "2"])
+    summary = train(tiny_overrides(data, tmp_path / "run", global_batch_size=8, epochs=1, eval_interval=None))
+    assert summary["arc/num_tasks"] == 2
+    assert {"arc/pass@1", "arc/pass@2", "arc/pass@10"} <= set(summary)
+    assert 0.0 <= summary["arc/pass@1"] <= summary["arc/pass@2"] <= 1.0

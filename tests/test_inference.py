@@ -297,3 +297,53 @@ def test_evaluate_sampling_is_reproducible_and_k1_sigma0_matches(tmp_path):
     assert s1 == run(InferenceSettings(samples=4, noise_std=0.3, select="vote", seed=5))
     assert s1["eval/samples"] == 4 and s1["eval/segments_mean"] == 3
     assert s1["eval/flops_per_puzzle"] == pytest.approx(4 * base["eval/flops_per_puzzle"])
+
+
+def test_maze_metric_inside_the_eval():
+    """task='maze': eval/maze_optimal_path counts the rows whose answer is a shortest path. A stub model answers
+    the reference path for row 0 and a broken path for row 1."""
+    q = maze(QUESTION)
+    top = maze(["#######", "#ooooo#", "#S# #G#", "#     #", "#     #", "#######", "#######"])
+    broken = maze(["#######", "#oo oo#", "#S# #G#", "#     #", "#     #", "#######", "#######"])
+    batch = {"inputs": torch.from_numpy(np.concatenate([q, q])).int(),
+             "labels": torch.from_numpy(np.concatenate([top, top])).int(),
+             "puzzle_identifiers": torch.zeros(2, dtype=torch.int32)}
+    answers = torch.from_numpy(np.concatenate([top, broken])).long()
+
+    class Inner(torch.nn.Module):
+        def empty_carry(self, rows, device=None):
+            from models.act import InnerCarry
+            return InnerCarry(z_H=torch.zeros(rows, 1), z_L=torch.zeros(rows, 1))
+
+        def reset_carry(self, flag, carry):
+            return carry
+
+        def forward(self, carry, data):
+            rows = data["inputs"].shape[0]
+            logits = torch.nn.functional.one_hot(answers[:rows], 6).float()
+            return carry, logits, (torch.zeros(rows), torch.zeros(rows)), {}
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = Inner()
+            self.config = type("C", (), {"halt_max_steps": 1})()
+
+    from models.losses import ACTLossHead
+    head = ACTLossHead(Model(), "softmax_cross_entropy")
+    with torch.inference_mode():
+        metrics, _ = infer_batch(head, batch, InferenceSettings(), task="maze")
+    assert int(metrics["maze_optimal_path"]) == 1 and int(metrics["exact_accuracy"]) == 1
+
+
+def test_summary_line_and_table():
+    from utils.eval_metrics import metrics_table, summary_line
+    m = {"eval/exact_accuracy": 0.874, "eval/exact_accuracy_ci_low": 0.869, "eval/exact_accuracy_ci_high": 0.879,
+         "eval/segments_mean": 2.5, "eval/samples": 4.0, "arc/pass@1": 0.5, "arc/num_tasks": 10.0}
+    assert summary_line(m) == "exact 87.4 % [86.9, 87.9], 2.50 segments x 4 samples"
+    table = metrics_table(m, "data/x/test", "ckpt/step_1").splitlines()
+    assert table[0].split() == ["metric", "value", "95", "%", "interval", "segments", "samples", "dataset", "checkpoint"]
+    assert table[2].split() == ["exact", "accuracy", "87.4", "%", "[86.9,", "87.9]", "2.50", "4", "data/x/test",
+                                "ckpt/step_1"]
+    lo, hi = wilson_interval(5, 10)
+    assert f"[{100 * lo:.1f}, {100 * hi:.1f}]" in table[3]  # ARC pass@1: Wilson over tasks
