@@ -63,7 +63,8 @@ def render(tokens: np.ndarray, kind: str, seq_len: int) -> str:
     return " ".join(str(t) for t in tokens)
 
 
-def describe(data_path: Path, split: str, show: int, out=sys.stdout) -> None:
+def describe(data_path: Path, split: str, show: int, out=None) -> None:
+    out = out or sys.stdout  # looked up per call: a default bound at import misses later redirections
     sdir = data_path / split
     meta = PuzzleDatasetMetadata.load(sdir / "dataset.json")
     kind = guess_kind(meta)
@@ -109,7 +110,8 @@ def describe(data_path: Path, split: str, show: int, out=sys.stdout) -> None:
                 print(f"   {left:<{width}}   |   {right}", file=out)
 
 
-def describe_lm(root: Path, splits: list[str], show: int, validate: bool, out=sys.stdout) -> None:
+def describe_lm(root: Path, splits: list[str], show: int, validate: bool, out=None) -> None:
+    out = out or sys.stdout
     from dataset.lm_tokenizer import LMTokenizer
     from lm_dataset import LMSplit, load_lm_meta, validate_lm_dataset
     meta = validate_lm_dataset(root) if validate else load_lm_meta(root)
