@@ -20,21 +20,10 @@ import yaml
 
 from dataset import context as cx
 from dataset.common import PuzzleDatasetMetadata, arc_grid_from_tokens
-
-Z_95 = 1.959963984540054
-
-
-def wilson(k: int, n: int, z: float = Z_95) -> tuple[float, float]:
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (0.0 if k == 0 else centre - half), (1.0 if k == n else centre + half)
-
+from utils.eval_metrics import wilson_interval
 
 def cell(k: int, n: int) -> str:
-    lo, hi = wilson(k, n)
+    lo, hi = wilson_interval(k, n)
     return f"{100 * k / n:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}] ({k}/{n})"
 
 
