@@ -37,7 +37,8 @@ from utils.distributed import (DistInfo, all_gather_object, all_reduce_grads, ba
                                broadcast_object, init_distributed, shutdown_distributed)
 from utils.ema import WeightEMA
 from utils.eval_metrics import dataset_task, summary_line
-from utils.evaluation import ARC_KEYS, MetricAccumulator, evaluate, reduce_metrics, score_arc
+from utils.evaluation import (ARC_KEYS, MetricAccumulator, check_inference_support, evaluate, reduce_metrics,
+                              score_arc)
 from utils.inference import InferenceSettings
 from utils.logger import MetricLogger
 from utils.modeling import (autocast_context, build_head, derive_seed, inner_model, prepare_for_training,
@@ -570,6 +571,7 @@ def setup_run(cfg: PretrainConfig, info: DistInfo, group: Optional[str], held: O
     injected = {k: getattr(meta, k, None) for k in INJECTED_ARCH_KEYS if k != "batch_size"}
     injected["batch_size"] = micro_batch
     head = build_head(cfg.arch, injected, seed=cfg.seed)
+    check_inference_support(head, InferenceSettings.from_config(cfg))
     arch_full = dict(cfg.arch)
     arch_full.update({k: v for k, v in injected.items() if k in dataclass_fields(inner_model(head))})
 

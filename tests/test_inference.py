@@ -347,3 +347,14 @@ def test_summary_line_and_table():
                                 "ckpt/step_1"]
     lo, hi = wilson_interval(5, 10)
     assert f"[{100 * lo:.1f}, {100 * hi:.1f}]" in table[3]  # ARC pass@1: Wilson over tasks
+
+
+def test_heads_without_act_segments_refuse_inference_keys():
+    """An LM-style head (no ACT segment protocol) evaluates as before by default, and refuses the new keys
+    in one line (pretrain.py checks this before training)."""
+    from utils.evaluation import check_inference_support
+    head = torch.nn.Linear(2, 2)
+    assert check_inference_support(head, InferenceSettings()) is False
+    with pytest.raises(ConfigError, match="does not support eval_halting/eval_max_segments/eval_samples"):
+        check_inference_support(head, InferenceSettings(samples=2))
+    assert check_inference_support(tiny_head(), InferenceSettings(samples=2, noise_std=0.1)) is True

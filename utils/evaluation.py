@@ -95,13 +95,8 @@ def evaluate(head: torch.nn.Module, loader, info: DistInfo, *, device: torch.dev
     dataset_task) switches on task metrics."""
     save_keys = list(save_keys)
     settings = settings or InferenceSettings()
+    segmented = check_inference_support(head, settings)
     model = getattr(head, "model", None)
-    segmented = model is not None and hasattr(head, "score") and supports_segments(model)
-    if not segmented and not (settings.deterministic and settings.halting == "all" and settings.max_segments is None):
-        raise ConfigError(f"{type(model or head).__name__} does not support eval_halting/eval_max_segments/"
-                         "eval_samples/eval_noise_std (no ACT segment protocol; see utils/inference.py)")
-    if settings.noise_std > 0 and not supports_noise(model):
-        raise ConfigError(f"{type(model).__name__} has no recursion step hook: eval_noise_std must be 0")
     generator = sample_generator(settings, info.rank, device)
     flops_per_segment = segment_flops_per_row(model) if segmented else None
     return_keys = sorted({("logits" if k == "preds" else k) for k in save_keys if k not in BATCH_KEYS})
@@ -178,6 +173,19 @@ def evaluate(head: torch.nn.Module, loader, info: DistInfo, *, device: torch.dev
         if info.is_main:
             gathered = _interleave_ranks(parts, save_keys)
     return flat, gathered
+
+
+def check_inference_support(head: torch.nn.Module, settings: InferenceSettings) -> bool:
+    """Whether the head runs ACT segments (utils/inference.py); a ConfigError if `settings` ask for what it
+    cannot do (pretrain.py calls this before training, so a bad combination never waits for the first eval)."""
+    model = getattr(head, "model", None)
+    segmented = model is not None and hasattr(head, "score") and supports_segments(model)
+    if not segmented and not (settings.deterministic and settings.halting == "all" and settings.max_segments is None):
+        raise ConfigError(f"{type(model or head).__name__} does not support eval_halting/eval_max_segments/"
+                          "eval_samples/eval_noise_std (no ACT segment protocol; see utils/inference.py)")
+    if settings.noise_std > 0 and not supports_noise(model):
+        raise ConfigError(f"{type(model).__name__} has no recursion step hook: eval_noise_std must be 0")
+    return segmented
 
 
 def finish_eval_metrics(head: torch.nn.Module, sums: dict[str, float], global_batch_size: int,
