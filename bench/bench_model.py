@@ -1,14 +1,20 @@
-"""Training-step time of HRM ACT v1 on this machine (CPU by default), printed as a markdown table.
+"""Training-step time of HRM ACT v1 (and TRM with `--archs hrm trm`) on this machine (CPU by default),
+printed as markdown tables.
 
-One step = ACTLossHead forward (one ACT segment + the target-Q segment) + backward + the optimizer
-steps (AdamATan2 + sparse sign-SGD; `--no-optim` leaves them out), on a fixed random batch, train mode.
+One step = ACTLossHead forward (one ACT segment; HRM adds its target-Q segment, TRM with no_ACT_continue
+has none) + backward + the optimizer steps (AdamATan2 + sparse sign-SGD; `--no-optim` leaves them out), on
+a fixed random batch, train mode.
 
 "original-like" rows run the same model with the original's CPU code path: SDPA attention (the
 flash-attn fallback of the gating fork) and the original's RoPE formula (two separate fp32 passes
 with rotate_half) and the lm_head in the target-Q forward. Ours and the baseline alternate step by
 step, so machine load hits both alike; compare the ratio column, which is median(baseline)/median(ours).
 
+TRM rows (`--archs hrm trm`) take turns with the HRM rows of the same shape and dtype too; the second
+table gives median(TRM)/median(HRM) per step.
+
     python -m bench.bench_model --shapes tiny sudoku --dtypes float32 bfloat16 --threads 1
+    python -m bench.bench_model --archs hrm trm --no-baseline --steps 6 --sudoku-steps 2
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import models.layers as layers
 from models.hrm import hrm_act_v1
 from models.hrm.hrm_act_v1 import HierarchicalReasoningModel_ACTV1
 from models.losses import ACTLossHead
+from models.recursive_reasoning.trm import TinyRecursiveReasoningModel_ACTV1
 from models.sparse_embedding import CastedSparseEmbeddingSignSGD_Distributed
 from utils.adam_atan2 import AdamATan2
 
@@ -38,6 +45,15 @@ SHAPES = {
                    H_cycles=2, L_cycles=2, H_layers=4, L_layers=4, hidden_size=512, num_heads=8, expansion=4,
                    halt_max_steps=16, halt_exploration_prob=0.1),
 }
+
+# TRM at the same widths, batch and sequence: its Sudoku recipe's recursion (one 2-layer network, H_cycles 3 x
+# L_cycles 6, 16 puzzle-prefix positions, attention). "sudoku" is the original's 6.83M-parameter TRM-Att shape.
+TRM_SHAPES = {
+    name: dict({k: v for k, v in shape.items() if k not in ("H_layers", "H_cycles", "L_cycles")},
+               H_layers=0, L_layers=2, H_cycles=3, L_cycles=6, puzzle_emb_len=16, mlp_t=False)
+    for name, shape in SHAPES.items()
+}
+ARCHS = {"hrm": (HierarchicalReasoningModel_ACTV1, SHAPES), "trm": (TinyRecursiveReasoningModel_ACTV1, TRM_SHAPES)}
 
 
 def _original_rotary(x, cos, sin):
@@ -64,9 +80,12 @@ def original_like():
         hrm_act_v1.HierarchicalReasoningModel_ACTV1_Inner.forward = saved_forward
 
 
-def build(shape: str, dtype: str, gating: bool, attn_backend: str = "auto"):
-    cfg = dict(SHAPES[shape], forward_dtype=dtype, attn_backend=attn_backend, use_gating=gating)
-    model = HierarchicalReasoningModel_ACTV1(cfg, generator=torch.Generator().manual_seed(0))
+def build(shape: str, dtype: str, gating: bool, attn_backend: str = "auto", arch: str = "hrm"):
+    model_cls, shapes = ARCHS[arch]
+    cfg = dict(shapes[shape], forward_dtype=dtype, attn_backend=attn_backend)
+    if arch == "hrm":
+        cfg["use_gating"] = gating
+    model = model_cls(cfg, generator=torch.Generator().manual_seed(0))
     model.set_generator(torch.Generator().manual_seed(0))
     head = ACTLossHead(model, "stablemax_cross_entropy")
     head.train()
@@ -82,8 +101,9 @@ def build(shape: str, dtype: str, gating: bool, attn_backend: str = "auto"):
 
 
 class Runner:
-    def __init__(self, head, batch, opts, with_optim: bool, baseline: bool = False):
+    def __init__(self, head, batch, opts, with_optim: bool, baseline: bool = False, arch: str = "hrm"):
         self.head, self.batch, self.opts, self.with_optim, self.baseline = head, batch, opts, with_optim, baseline
+        self.arch = arch
         self.carry = head.initial_carry(batch)
         self.times: list[float] = []
 
@@ -105,6 +125,7 @@ class Runner:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=["tiny", "sudoku"], choices=list(SHAPES))
+    ap.add_argument("--archs", nargs="+", default=["hrm"], choices=list(ARCHS), help="trm: also time TRM")
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the issue's target is 1)")
     ap.add_argument("--steps", type=int, default=10)
@@ -117,7 +138,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     t_start = time.perf_counter()
-    rows = []
+    rows, versus = [], []
     for shape in args.shapes:
         for gating in ([False, True] if args.gating else [False]):
             for dtype in args.dtypes:
@@ -126,27 +147,45 @@ def main(argv=None) -> int:
                 if not args.no_baseline:
                     runners.append(Runner(*build(shape, dtype, gating, attn_backend="sdpa"),
                                           with_optim=not args.no_optim, baseline=True))
+                if "trm" in args.archs and not gating:
+                    runners.append(Runner(*build(shape, dtype, False, arch="trm"), with_optim=not args.no_optim,
+                                          arch="trm"))
                 n = args.sudoku_steps if shape == "sudoku" else args.steps
                 warmup = args.warmup if shape == "tiny" else 1
                 for i in range(warmup + n):
                     for r in runners:  # alternate, so load changes hit both alike
                         r.step(record=i >= warmup)
                 B = ours.batch["inputs"].shape[0]
-                gflop = ours.head.model.estimate_flops(B) / 1e9
-                base_med = statistics.median(runners[1].times) if len(runners) > 1 else float("nan")
+                baseline = [r for r in runners if r.baseline]
+                base_med = statistics.median(baseline[0].times) if baseline else float("nan")
                 for r in runners:
                     med = statistics.median(r.times)
-                    name = shape + (" +gating" if gating else "") + (" original-like" if r.baseline else "")
-                    ratio = base_med / med
-                    rows.append((name, dtype, B, n, med, min(r.times), B / med, gflop / med, ratio))
+                    name = (("TRM " if r.arch == "trm" else "") + shape + (" +gating" if gating else "")
+                            + (" original-like" if r.baseline else ""))
+                    ratio = base_med / med if r.arch == "hrm" else float("nan")
+                    gflop_r = r.head.model.estimate_flops(B) / 1e9
+                    params = sum(p.numel() for p in r.head.parameters())
+                    rows.append((name, dtype, params, B, n, med, min(r.times), B / med, gflop_r / med, ratio))
                     print(f"{name} {dtype}: {med:.3f} s/step", file=sys.stderr, flush=True)
+                trm = [r for r in runners if r.arch == "trm"]
+                if trm:
+                    hrm_med, trm_med = statistics.median(ours.times), statistics.median(trm[0].times)
+                    versus.append((shape, dtype, hrm_med, trm_med, trm_med / hrm_med))
 
     what = "fwd+bwd" if args.no_optim else "fwd+bwd+optim"
     print(f"\n{what}, {args.threads} thread(s), torch {torch.__version__}, {platform.machine()}\n")
-    print("| shape | dtype | batch | steps | median s/step | min s/step | samples/s | GFLOP/s (est.) | speed vs original-like |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, dtype, B, n, med, mn, sps, gfs, ratio in rows:
-        print(f"| {name} | {dtype} | {B} | {n} | {med:.3f} | {mn:.3f} | {sps:.1f} | {gfs:.1f} | {ratio:.2f}x |")
+    print("| shape | dtype | params | batch | steps | median s/step | min s/step | samples/s | GFLOP/s (est.) "
+          "| speed vs original-like |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, dtype, params, B, n, med, mn, sps, gfs, ratio in rows:
+        shown = "-" if ratio != ratio else f"{ratio:.2f}x"  # NaN: no baseline for this row
+        print(f"| {name} | {dtype} | {params / 1e6:.2f}M | {B} | {n} | {med:.3f} | {mn:.3f} | {sps:.1f} | {gfs:.1f} "
+              f"| {shown} |")
+    if versus:
+        print("\n| shape | dtype | HRM s/step | TRM s/step | TRM / HRM step time |")
+        print("|---|---|---|---|---|")
+        for shape, dtype, h, t, ratio in versus:
+            print(f"| {shape} | {dtype} | {h:.3f} | {t:.3f} | {ratio:.2f}x |")
     print(f"\n{len(rows)} rows in {time.perf_counter() - t_start:.0f} s", file=sys.stderr)
     return 0
 

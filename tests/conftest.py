@@ -25,6 +25,13 @@ def repo_root() -> Path:
 
 
 @pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """The trainer tests' tiny 4x4 Sudoku set (64 train / 32 test puzzles), built once per module."""
+    from trainer_helpers import build_tiny_sudoku
+    return build_tiny_sudoku(tmp_path_factory.mktemp("data") / "sudoku4")
+
+
+@pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a module of tiny-tensor tests: extra threads only add synchronisation, and on
     a busy 2-core machine spinning OpenMP threads slow such tests down 10x or more. Restored afterwards.

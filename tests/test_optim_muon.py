@@ -33,6 +33,18 @@ def test_hrm_split_muon_takes_exactly_the_hidden_matrices():
     assert not any("puzzle_emb" in n for n in names(muon) | names(adamw))  # a buffer with its own sign-SGD
 
 
+@pytest.mark.parametrize("mixer", ["attention", "mlp_t"])
+def test_trm_split_muon_takes_the_one_networks_matrices(mixer):
+    extra = ("arch.mlp_t=true", "arch.pos_encodings=none") if mixer == "mlp_t" else ()
+    head = tiny_head("trm", "arch.L_layers=2", *extra)
+    muon, adamw = muon_split(head)
+    mix = ("mlp_t.gate_up_proj", "mlp_t.down_proj") if mixer == "mlp_t" else ("self_attn.qkv_proj", "self_attn.o_proj")
+    assert names(muon) == {f"model.inner.L_level.layers.{i}.{m}.weight" for i in range(2)
+                           for m in (*mix, "mlp.gate_up_proj", "mlp.down_proj")}
+    assert names(adamw) == {"model.inner.embed_tokens.embedding_weight", "model.inner.lm_head.weight",
+                            "model.inner.q_head.weight", "model.inner.q_head.bias"}
+
+
 def test_lm_split_keeps_embeddings_heads_gains_and_filters_on_adamw():
     head = tiny_head("hrm_lm_mamba")
     muon, adamw = muon_split(head)

@@ -9,14 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer_helpers import build_tiny_sudoku, load_step_weights, tiny_overrides, train
+from trainer_helpers import load_step_weights, tiny_overrides, train
 from utils.checkpoint import CheckpointError, list_step_dirs
 from utils.schema import ConfigError
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    return build_tiny_sudoku(tmp_path_factory.mktemp("data") / "sudoku4")
 
 
 def test_nonfinite_weights_are_never_checkpointed(tiny_data, tmp_path, monkeypatch):

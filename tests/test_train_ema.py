@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer_helpers import build_tiny_sudoku, compose, load_step_weights, tiny_overrides, train
+from trainer_helpers import compose, load_step_weights, tiny_overrides, train
 from utils.checkpoint import CheckpointError, list_step_dirs
 from utils.ema import WeightEMA
 from utils.logger import read_jsonl
@@ -21,11 +21,6 @@ RATE = 0.8  # far from 1 so that 8 tiny steps move the shadow visibly away from 
 def ema_step(shadow: torch.Tensor, param: torch.Tensor, rate: float) -> torch.Tensor:
     """The original's line (TinyRecursiveModels models/ema.py), written out."""
     return (1.0 - rate) * param + rate * shadow
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    return build_tiny_sudoku(tmp_path_factory.mktemp("data") / "sudoku4")
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from trainer_helpers import build_tiny_sudoku, load_step_weights, tiny_overrides, train
+from trainer_helpers import load_step_weights, tiny_overrides, train
 from utils.checkpoint import CheckpointError, list_step_dirs
 from utils.logger import read_jsonl
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    return build_tiny_sudoku(tmp_path_factory.mktemp("data") / "sudoku4")
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,16 @@ def test_recipe_composes_to_trm_with_the_readme_overrides(name):
     assert (cfg.lr, cfg.weight_decay) == ((1e-4, 1.0) if sudoku_or_maze else (1e-4, 0.1))
     assert cfg.puzzle_emb_lr == (1e-4 if sudoku_or_maze else 1e-2)
     assert cfg.epochs == (50000 if sudoku_or_maze else 100000)
-    assert cfg.ema is True and cfg.ema_rate == 0.999
+    assert cfg.ema and cfg.ema_rate == 0.999  # every TRM README command sets ema=True
+
+
+def test_trm_cpu_demo_is_the_hrm_demo_with_trm():
+    hrm, trm = compose(["experiment=sudoku_cpu_demo"]), compose(["experiment=trm_cpu_demo"])
+    assert trm.arch["name"] == "recursive_reasoning.trm@TinyRecursiveReasoningModel_ACTV1" and trm.ema
+    for key in ("data_path", "global_batch_size", "epochs", "lr", "lr_warmup_steps", "lr_min_ratio", "weight_decay"):
+        assert getattr(trm, key) == getattr(hrm, key), key
+    for key in ("hidden_size", "H_cycles", "L_cycles", "halt_max_steps", "forward_dtype"):
+        assert trm.arch[key] == hrm.arch[key], key
 
 
 def test_preflight_checks_arch_keys_against_the_recipes_arch():
