@@ -49,7 +49,7 @@ def test_recipe_composes_to_trm_with_the_readme_overrides(name):
 
 def test_trm_cpu_demo_is_the_hrm_demo_with_trm():
     hrm, trm = compose(["experiment=sudoku_cpu_demo"]), compose(["experiment=trm_cpu_demo"])
-    assert trm.arch["name"] == "recursive_reasoning.trm@TinyRecursiveReasoningModel_ACTV1" and trm.ema
+    assert trm.arch["name"] == "recursive_reasoning.trm@TinyRecursiveReasoningModel_ACTV1" and not trm.ema
     for key in ("data_path", "global_batch_size", "epochs", "lr", "lr_warmup_steps", "lr_min_ratio", "weight_decay"):
         assert getattr(trm, key) == getattr(hrm, key), key
     for key in ("hidden_size", "H_cycles", "L_cycles", "halt_max_steps", "forward_dtype"):
