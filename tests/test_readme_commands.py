@@ -223,7 +223,9 @@ class Checker:
                 if self.first("demo"):
                     return run(shlex.join(["bash", script, *_tiny_pretrain_args(args[1:])]), {"SKIP_SETUP": "1"},
                                "ran (SKIP_SETUP=1, tiny overrides)")
-                return self.script(cmd, "pretrain.py", ["experiment=sudoku_cpu_demo", *args[1:]], run, multi_gpu=True)
+                recipe = "trm_cpu_demo" if "arch=trm" in args[1:] else "sudoku_cpu_demo"  # as demo.sh picks it
+                rest = [a for a in args[1:] if a != "arch=trm"]
+                return self.script(cmd, "pretrain.py", [f"experiment={recipe}", *rest], run, multi_gpu=True)
             # .ci/run runs this suite and scripts/setup.sh (re)installs torch: they must parse, what they call exist
             assert (self.box / script).is_file(), f"{cmd}: {script} does not exist"
             run(f"bash -n {shlex.quote(script)}")
