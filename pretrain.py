@@ -41,8 +41,8 @@ from utils.evaluation import (ARC_KEYS, MetricAccumulator, check_inference_suppo
                               score_arc)
 from utils.inference import InferenceSettings
 from utils.logger import MetricLogger
-from utils.modeling import (autocast_context, build_head, derive_seed, inner_model, prepare_for_training,
-                            puzzle_embedding, set_exploration_generator)
+from utils.modeling import (autocast_context, bf16_cpu_warning, build_head, compile_decision, derive_seed, inner_model,
+                            prepare_for_training, puzzle_embedding, set_exploration_generator)
 from utils.optim import SCHEDULE_BASE_LR, build_optimizer, build_scheduler, current_lr
 from utils.schema import ConfigError
 
@@ -594,7 +594,15 @@ def setup_run(cfg: PretrainConfig, info: DistInfo, group: Optional[str], held: O
     if error:
         raise ckpt.CheckpointError(error)
 
-    step_module = prepare_for_training(head, info.device, cfg.compile)
+    stop_step = min(total_steps, cfg.max_steps or total_steps)
+    use_compile, compile_why = compile_decision(cfg.compile, info.device, stop_step)
+    step_module = prepare_for_training(head, info.device, use_compile)
+    if info.is_main:
+        if cfg.compile == "auto":
+            print(f"{compile_why}: {'compiling' if use_compile else 'eager'}", flush=True)
+        warning = bf16_cpu_warning(info.device, cfg.mixed_precision, arch_full.get("forward_dtype"))
+        if warning:
+            print(warning, flush=True)
     broadcast_module_state(head, info)
     exploration_gen = set_exploration_generator(head, cfg.seed, info.rank, info.device)
     torch.manual_seed(derive_seed(cfg.seed, info.rank, 0x6A7))  # for heads that still draw from the global RNG
@@ -614,7 +622,7 @@ def setup_run(cfg: PretrainConfig, info: DistInfo, group: Optional[str], held: O
               train_loader=make_loader(train_ds, num_workers=cfg.loader_workers),
               eval_loader=make_loader(eval_ds, num_workers=cfg.loader_workers),
               optimizers=optimizers, schedulers=schedulers, sparse_accum=sparse_accum, logger=None, run_dir=run_dir,
-              total_steps=total_steps, stop_step=min(total_steps, cfg.max_steps or total_steps), micro_batches=accum,
+              total_steps=total_steps, stop_step=stop_step, micro_batches=accum,
               flops_per_step=flops, exploration_gen=exploration_gen, config_yaml=config_yaml, lock=lock)
     run.bad_step = torch.full((), -1, dtype=torch.long, device=info.device)
 

@@ -9,7 +9,7 @@ import inspect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from utils import model_schema
 from utils.functions import load_model_class
@@ -70,7 +70,7 @@ class PretrainConfig:
     ema: bool = False                       # EMA of the weights, used by evals, best/, evaluate.py (utils/ema.py)
     ema_rate: float = 0.999                 # in [0, 1): shadow = (1 - rate) * param + rate * shadow per step
     mixed_precision: str = "none"           # none | bf16 (torch.autocast around the forward)
-    compile: bool = False
+    compile: Union[bool, str] = False       # false | true | auto (utils/modeling.py compile_decision)
     device: str = "auto"                    # auto | cpu | cuda
     checkpoint_limit: int = 0               # keep the newest N step_* dirs; 0 = keep all
     checkpoint_interval_steps: Optional[int] = None  # also checkpoint every N optimizer steps
@@ -186,6 +186,8 @@ def build_config(raw: dict) -> PretrainConfig:
         # refusing beats training silently on zeroed gradients.
         raise ConfigError("config key 'mixed_precision': fp16 needs loss scaling, which is not implemented; "
                           "use bf16 (HRM's own forward dtype) or none")
+    if cfg.compile not in (True, False, "auto"):
+        raise ConfigError(f"config key 'compile' must be true, false or auto; got {cfg.compile!r}")
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}; got {getattr(cfg, key)!r}")

@@ -61,10 +61,85 @@ def autocast_context(device: torch.device, mixed_precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def prepare_for_training(head: torch.nn.Module, device: torch.device, compile_model: bool) -> torch.nn.Module:
-    """Move to the device and optionally compile. Returns the module to call in the step; `head` itself
-    stays the uncompiled module whose state_dict has the original names."""
+# compile=auto compiles when the run has at least this many optimizer steps. Measured (docs/benchmarks.md,
+# bench/bench_step.py): compiling the blocks costs ~20-70 s of wall clock once on the 2 shared cores (much
+# less on a warm on-disk cache) and saves ~25-50 % of a tiny-shape CPU step (~0.1-0.5 s), so it pays for
+# itself after a few hundred steps; 1000 leaves a margin for slower compiles and smaller models.
+COMPILE_AUTO_MIN_STEPS = 1000
+
+
+def compile_decision(setting, device: torch.device, steps: int) -> tuple[bool, str]:
+    """(compile?, why) for `compile` = true | false | auto. auto: compile iff the run has
+    >= COMPILE_AUTO_MIN_STEPS optimizer steps and inductor can build kernels here (a C++ compiler on CPU,
+    triton on CUDA)."""
+    if setting is True or setting is False:
+        return setting, f"compile={str(setting).lower()}"
+    if device.type == "cpu":
+        import shutil
+        if not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
+            return False, "compile=auto: no C++ compiler on PATH for inductor's CPU kernels"
+    elif device.type == "cuda":
+        import importlib.util
+        if importlib.util.find_spec("triton") is None:
+            return False, "compile=auto: triton is not importable"
+    if steps < COMPILE_AUTO_MIN_STEPS:
+        return False, f"compile=auto: {steps} steps < {COMPILE_AUTO_MIN_STEPS}, too short to pay for compiling"
+    return True, f"compile=auto: {steps} steps >= {COMPILE_AUTO_MIN_STEPS}"
+
+
+def compile_blocks(module: torch.nn.Module) -> int:
+    """torch.compile every recursion block (PostNormBlock) of `module` in place; returns how many.
+
+    Why the block: it is the whole hot loop (every L/H update is a stack of them) and a pure function of
+    (hidden states, RoPE tables), so one graph with no breaks serves every block and every update (the
+    parameters are graph inputs), plus one more for the no_grad updates; the ACT bookkeeping around it
+    stays eager. Batch sizes are dynamic from the start, so eval's batch (or a short last batch) does not
+    recompile. nn.Module.compile keeps the state-dict names. Compiled kernels and autograd graphs are cached
+    on disk (inductor's FX-graph and AOT-autograd caches, under torch's cache dir, by default
+    /tmp/torchinductor_$USER), so a second run with the same shapes skips most of the compile."""
+    from models.layers import PostNormBlock
+    torch._inductor.config.fx_graph_cache = True
+    torch._functorch.config.enable_autograd_cache = True
+    n = 0
+    for m in module.modules():
+        if isinstance(m, PostNormBlock):
+            m.compile(dynamic=True)
+            n += 1
+    return n
+
+
+def prepare_for_training(head: torch.nn.Module, device: torch.device, compile_model) -> torch.nn.Module:
+    """Move to the device and optionally compile (True/False; "auto" is resolved by the caller with
+    compile_decision). Returns the module to call in the step; `head` keeps the original state-dict names.
+    Models built from the shared blocks get their blocks compiled in place (eval uses them too); any other
+    model is compiled whole."""
     head.to(device)
-    if compile_model:
+    if compile_model is True and compile_blocks(head) == 0:
         return torch.compile(head, dynamic=False)
     return head
+
+
+def native_bf16_cpu(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512-BF16 or AMX-BF16). Without either, PyTorch emulates
+    bf16 matmuls through fp32 conversions, ~4-8x slower than fp32 (measured on a 2-core EPYC, issue 15)."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    # no /proc (not Linux): torch's own CPU feature probe
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def bf16_cpu_warning(device: torch.device, mixed_precision: str, forward_dtype: Optional[str],
+                     cpuinfo: str = "/proc/cpuinfo") -> Optional[str]:
+    """One line to print when bf16 is chosen on a CPU without native bf16, else None."""
+    chosen = [k for k, on in (("mixed_precision=bf16", mixed_precision == "bf16"),
+                              ("arch.forward_dtype=bfloat16", forward_dtype == "bfloat16")) if on]
+    if device.type != "cpu" or not chosen or native_bf16_cpu(cpuinfo):
+        return None
+    return (f"warning: {' and '.join(chosen)} on a CPU without native bf16 (no AVX-512-BF16/AMX): bf16 is emulated "
+            "here and runs ~4-8x slower than float32; use arch.forward_dtype=float32 mixed_precision=none on this CPU")
