@@ -77,7 +77,7 @@ def test_compiled_step_matches_eager_and_train_eval_train_never_recompiles(arch)
     counters.clear()
     eager = make_head(arch)
     compiled = copy.deepcopy(eager)
-    assert compile_blocks(compiled) == (2 if arch == "hrm" else 2)
+    assert compile_blocks(compiled) == 2  # HRM: 1 H + 1 L block; TRM: its 2-block network
     assert compiled.state_dict().keys() == eager.state_dict().keys()  # names unchanged (no _orig_mod.)
 
     c_e, losses_e, grads_e = train_steps(eager, eager.initial_carry(make_batch(B, 0)), 3)
