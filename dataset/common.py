@@ -167,6 +167,38 @@ class PuzzleDatasetMetadata:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Puzzle kinds (what a dataset's tokens mean; the inspector, the viewer and the PNG panels read them)
+
+PUZZLE_KINDS = ("sudoku", "maze", "arc", "grid")
+
+
+def sudoku_box(side: int) -> tuple[int, int]:
+    """(box rows, box columns) of a side x side Sudoku: 4 -> 2x2, 6 -> 2x3, 9 -> 3x3 (the builder's BOXES)."""
+    rows = max(d for d in range(1, int(side ** 0.5) + 1) if side % d == 0)
+    return rows, side // rows
+
+
+def guess_kind(meta: PuzzleDatasetMetadata, sample_label: np.ndarray | None = None) -> str:
+    """sudoku | maze | arc | context | grid from the metadata (the builders' encodings), with one label row
+    to tell a 4x4 Sudoku (vocab 6: PAD, blank, digits 1-4) from a maze (vocab 6: PAD # ' ' S G o)."""
+    from dataset.context import CONTEXT_VOCAB_SIZE  # dataset.context imports this module
+    if meta.vocab_size == CONTEXT_VOCAB_SIZE:
+        return "context"
+    side = int(round(meta.seq_len ** 0.5))
+    square = side * side == meta.seq_len
+    if meta.vocab_size == 12 and meta.seq_len == ARC_GRID * ARC_GRID and meta.num_puzzle_identifiers > 1:
+        return "arc"
+    sudoku = square and meta.vocab_size == side + 2
+    maze = square and meta.vocab_size == 6
+    if sudoku and maze and sample_label is not None:
+        first_row = np.sort(np.asarray(sample_label).reshape(side, side)[0])
+        return "sudoku" if np.array_equal(first_row, np.arange(2, side + 2)) else "maze"
+    if maze:
+        return "maze"
+    return "sudoku" if sudoku else "grid"
+
+
+# ---------------------------------------------------------------------------------------------------
 # Dihedral group (the original's transform ids; tid 1 = np.rot90 k=1, i.e. counter-clockwise)
 
 DIHEDRAL_INVERSE = [0, 3, 2, 1, 4, 5, 6, 7]
@@ -245,20 +277,27 @@ def encode_arc_canvas(grid: np.ndarray, pad_r: int = 0, pad_c: int = 0, side: in
     return canvas.reshape(-1)
 
 
-def arc_grid_from_tokens(tokens: np.ndarray, side: int = ARC_GRID) -> np.ndarray:
-    """Crop a side*side-token ARC canvas (900 tokens by default) to its colour grid (values 0..9), with the
-    original evaluator's rule: the largest-area top-left rectangle whose every cell is a colour token, where
-    each row's run of colours is measured from the left and may only shrink going down. Returns shape (0, 0)
-    if none."""
-    g = np.asarray(tokens).reshape(side, side)
+def arc_grid_extent(tokens: np.ndarray, side: int = ARC_GRID) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) of the scored grid of each side*side-token ARC canvas in `tokens` [..., side*side], by
+    the original evaluator's rule: the largest-area top-left rectangle whose every cell is a colour token,
+    where each row's run of colours is measured from the left and may only shrink going down. (0, 0) if none."""
+    g = np.asarray(tokens).reshape(*np.shape(tokens)[:-1], side, side)
     is_color = (g >= ARC_COLOR_OFFSET) & (g < ARC_COLOR_OFFSET + 10)
-    run = np.where(is_color.all(axis=1), side, np.argmin(is_color, axis=1))
-    width = np.minimum.accumulate(run)
+    run = np.where(is_color.all(axis=-1), side, np.argmin(is_color, axis=-1))
+    width = np.minimum.accumulate(run, axis=-1)
     area = width * np.arange(1, side + 1)
-    best = int(np.argmax(area))  # first maximum, as a strict '>' scan would keep
-    if area[best] == 0:
-        return np.zeros((0, 0), dtype=np.int64)
-    return g[: best + 1, : width[best]].astype(np.int64) - ARC_COLOR_OFFSET
+    best = np.argmax(area, axis=-1)  # first maximum, as a strict '>' scan would keep
+    best_area = np.take_along_axis(area, best[..., None], axis=-1)[..., 0]
+    cols = np.take_along_axis(width, best[..., None], axis=-1)[..., 0]
+    return np.where(best_area > 0, best + 1, 0), np.where(best_area > 0, cols, 0)
+
+
+def arc_grid_from_tokens(tokens: np.ndarray, side: int = ARC_GRID) -> np.ndarray:
+    """Crop a side*side-token ARC canvas (900 tokens by default) to its colour grid (values 0..9) by
+    `arc_grid_extent`'s rule; shape (0, 0) if none."""
+    rows, cols = (int(x) for x in arc_grid_extent(np.asarray(tokens).reshape(-1), side))
+    g = np.asarray(tokens).reshape(side, side)
+    return g[:rows, :cols].astype(np.int64) - ARC_COLOR_OFFSET
 
 
 # ---------------------------------------------------------------------------------------------------

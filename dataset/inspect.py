@@ -16,20 +16,7 @@ import numpy as np
 
 from dataset import context
 from dataset.common import (ARRAY_FIELDS, DatasetError, PuzzleDatasetMetadata, arc_grid_from_tokens,
-                            exit_on_dataset_error, validate_puzzle_dataset)
-
-
-def guess_kind(meta: PuzzleDatasetMetadata) -> str:
-    side = int(round(meta.seq_len ** 0.5))
-    if meta.vocab_size == context.CONTEXT_VOCAB_SIZE:
-        return "context"
-    if meta.vocab_size == 12 and meta.seq_len == 900 and meta.num_puzzle_identifiers > 1:
-        return "arc"
-    if meta.vocab_size == 6 and side * side == meta.seq_len:
-        return "maze"
-    if side * side == meta.seq_len and meta.vocab_size == side + 2:
-        return "sudoku"
-    return "generic"
+                            exit_on_dataset_error, guess_kind, validate_puzzle_dataset)
 
 
 def _grid_text(g: np.ndarray) -> list[str]:
@@ -67,7 +54,8 @@ def describe(data_path: Path, split: str, show: int, out=None) -> None:
     out = out or sys.stdout  # looked up per call: a default bound at import misses later redirections
     sdir = data_path / split
     meta = PuzzleDatasetMetadata.load(sdir / "dataset.json")
-    kind = guess_kind(meta)
+    first_labels = np.load(sdir / f"{meta.sets[0]}__labels.npy", mmap_mode="r", allow_pickle=False)
+    kind = guess_kind(meta, first_labels[0] if len(first_labels) else None)
     names = None
     if (data_path / "identifiers.json").is_file():
         with open(data_path / "identifiers.json") as f:
