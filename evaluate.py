@@ -9,8 +9,12 @@ Accepts our step dirs and the original's `step_N` files (with `all_config.yaml` 
 with `ema.safetensors` (a run with ema=true) is evaluated with its EMA weights, as training evaluated it;
 `ema=false` evaluates the live training weights instead. Writes to
 `output_dir` (default: the step dir, or `<file>_eval/` for an original checkpoint):
-  predictions.npz  inputs, labels, puzzle_identifiers, preds (argmax tokens), q_halt_logits; real rows only
-  metrics.json     the flat eval/... metrics (+ arc/pass@1, pass@2, pass@10 for ARC datasets)
+  predictions.npz  inputs, labels, puzzle_identifiers, preds (argmax tokens), q_halt_logits; real rows only;
+                   with save_segments also segment_preds [N, S, L] (each ACT segment's answer) and
+                   segment_steps [N] (the segment each row halted at)
+  metrics.json     the flat eval/... metrics (+ arc/pass@1, pass@2, pass@10 for ARC datasets; with segments
+                   eval/segment_<k>/exact_accuracy)
+  accuracy_by_segment.png  exact accuracy after each segment (with segments)
   submission.json  ARC-Prize format (ARC datasets only)
 and prints one table: metric, value, 95 % interval, segments used, samples, dataset, checkpoint.
 The inference keys (eval_halting, eval_max_segments, eval_samples, eval_noise_std, eval_select; see
@@ -39,9 +43,12 @@ from utils.schema import ConfigError, apply_key_values
 
 SAVE_KEYS = ["inputs", "labels", "puzzle_identifiers", "preds", "q_halt_logits"]
 OPTIONS = ("checkpoint", "data_path", "output_dir", "eval_batch_size", "max_eval_batches", "device", "split", "arc",
-           "ema", "eval_halting", "eval_max_segments", "eval_samples", "eval_noise_std", "eval_select", "seed")
+           "ema", "eval_halting", "eval_max_segments", "eval_samples", "eval_noise_std", "eval_select", "seed",
+           "save_segments")
 INT_OPTIONS = ("eval_batch_size", "max_eval_batches", "eval_max_segments", "eval_samples", "seed")
 INFERENCE_OPTIONS = ("eval_halting", "eval_max_segments", "eval_samples", "eval_noise_std", "eval_select")
+# save_segments=auto keeps per-segment answers when they take at most this much memory (uint8 tokens).
+AUTO_SEGMENT_BYTES = 512 * 2**20
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -62,6 +69,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for key in INFERENCE_OPTIONS + ("seed",):
         parser.add_argument("--" + key.replace("_", "-"), dest=key, default=None,
                             type=int if key in INT_OPTIONS else float if key == "eval_noise_std" else str)
+    parser.add_argument("--save-segments", dest="save_segments", default=None,
+                        help="auto | true | false: keep each segment's answer (default auto: if it fits in "
+                             f"{AUTO_SEGMENT_BYTES // 2**20} MiB)")
     args = parser.parse_args(argv)
     apply_key_values(args, args.overrides, OPTIONS, ints=INT_OPTIONS, floats=("eval_noise_std",))
     check_eval_keys({k: getattr(args, k) for k in INFERENCE_OPTIONS if getattr(args, k) is not None})
@@ -69,7 +79,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         raise ConfigError("checkpoint=<step dir or original step_N file> is required")
     args.device = args.device or "auto"
     args.split = args.split or "test"
-    for key in ("arc", "ema"):
+    for key in ("arc", "ema", "save_segments"):
         value = (getattr(args, key) or "auto").lower()
         if value not in ("auto", "true", "false"):
             raise ConfigError(f"'{key}' must be auto, true or false; got {value!r}")
@@ -132,10 +142,11 @@ def run(args: argparse.Namespace) -> dict:
     if info.is_main:
         print(f"evaluating {args.checkpoint} on {data_path}/{args.split} (global batch {gbs}"
               + (", then ARC voting)" if arc else ")"), flush=True)
+    segments = puzzle and want_segments(args.save_segments, dataset, head, settings, info.is_main)
     metrics, outputs = evaluate(head, make_loader(dataset, num_workers=1), info, device=info.device,
                                 mixed_precision=cfg.mixed_precision, max_batches=args.max_eval_batches,
                                 save_keys=SAVE_KEYS if puzzle else [], global_batch_size=gbs, progress=True,
-                                settings=settings, task=task)
+                                settings=settings, task=task, save_segments=segments)
     tasks = None
     if arc and not in_context:  # every rank takes part: rank 0 votes and shares the numbers
         arc_metrics, tasks = score_arc(outputs, data_path, info)
@@ -166,6 +177,8 @@ def run(args: argparse.Namespace) -> dict:
         from utils import arc_scoring
         write_json_atomic(out_dir / "submission.json", arc_scoring.submission(tasks))
     metrics["eval/num_examples"] = float(len(outputs["preds"])) if outputs else float("nan")
+    if outputs and "segment_preds" in outputs:
+        report_segments(outputs, metrics, out_dir)
     write_json_atomic(out_dir / "metrics.json", metrics)
     if puzzle:
         print(metrics_table(metrics, f"{data_path}/{args.split}", str(args.checkpoint)), flush=True)
@@ -183,6 +196,32 @@ def inference_settings(cfg, args: argparse.Namespace) -> InferenceSettings:
     return InferenceSettings(halting=values["eval_halting"], max_segments=values["eval_max_segments"],
                              samples=values["eval_samples"], noise_std=float(values["eval_noise_std"]),
                              select=values["eval_select"], seed=cfg.seed if args.seed is None else args.seed)
+
+
+def want_segments(option: str, dataset, head, settings: InferenceSettings, is_main: bool) -> bool:
+    """save_segments: true/false as given; auto = when the model runs ACT segments and their answers fit."""
+    from utils.inference import supports_segments
+    model = getattr(head, "model", None)
+    if option != "auto" or model is None or not supports_segments(model):
+        return option == "true"
+    rows = len(dataset) * dataset.config.global_batch_size  # eval batches x batch size: at most one batch over
+    size = rows * int(settings.max_segments or model.config.halt_max_steps) * dataset.metadata.seq_len
+    if size > AUTO_SEGMENT_BYTES and is_main:
+        print(f"note: per-segment answers would take ~{size / 2**20:.0f} MiB; not saved (save_segments=true forces them)",
+              flush=True)
+    return size <= AUTO_SEGMENT_BYTES
+
+
+def report_segments(outputs: dict, metrics: dict, out_dir: Path) -> None:
+    """Exact accuracy after each ACT segment: metrics, one printed line and accuracy_by_segment.png."""
+    from utils.puzzle_view import plot_segment_accuracy, segment_exact_accuracy
+    acc = segment_exact_accuracy(outputs["segment_preds"], outputs["labels"])
+    for k, a in enumerate(acc, start=1):
+        metrics[f"eval/segment_{k}/exact_accuracy"] = float(a)
+    plot = plot_segment_accuracy(acc, out_dir / "accuracy_by_segment.png",
+                                 title=f"exact accuracy by segment ({len(outputs['labels'])} examples)")
+    print("exact accuracy by segment: " + ", ".join(f"{k}: {100 * a:.1f}%" for k, a in enumerate(acc, start=1))
+          + f" (plot: {plot})", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

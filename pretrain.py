@@ -37,8 +37,8 @@ from utils.distributed import (DistInfo, all_gather_object, all_reduce_grads, ba
                                broadcast_object, init_distributed, shutdown_distributed)
 from utils.ema import WeightEMA
 from utils.eval_metrics import dataset_task, summary_line
-from utils.evaluation import (ARC_KEYS, MetricAccumulator, check_inference_support, evaluate, reduce_metrics,
-                              score_arc)
+from utils.evaluation import (ARC_KEYS, SEGMENT_KEYS, MetricAccumulator, check_inference_support, evaluate,
+                              reduce_metrics, score_arc)
 from utils.inference import InferenceSettings
 from utils.logger import MetricLogger
 from utils.modeling import (autocast_context, bf16_cpu_warning, build_head, compile_decision, derive_seed, inner_model,
@@ -312,10 +312,13 @@ def run_eval(run: Run) -> None:
         metrics, outputs = evaluate(run.head, run.eval_loader, info, device=info.device,
                                     mixed_precision=cfg.mixed_precision, max_batches=cfg.max_eval_batches,
                                     save_keys=save_keys, global_batch_size=cfg.eval_batch_size or cfg.global_batch_size,
-                                    progress=True, settings=InferenceSettings.from_config(cfg), task=task)
+                                    progress=True, settings=InferenceSettings.from_config(cfg), task=task,
+                                    save_segments=cfg.eval_save_segments)
+        log_example_panel(run, outputs)  # the weights the eval used
     if task == "arc":  # pass@1/2 in every eval, as evaluate.py reports them
         metrics.update(score_arc(outputs, cfg.data_path, info)[0])
-        outputs = {k: v for k, v in outputs.items() if k in cfg.eval_save_outputs} if outputs else outputs
+        outputs = {k: v for k, v in outputs.items() if k in cfg.eval_save_outputs or k in SEGMENT_KEYS} \
+            if outputs else outputs
     run.logger.log(metrics, step=run.step)
     if info.is_main:
         summary = summary_line(metrics)
@@ -334,6 +337,42 @@ def run_eval(run: Run) -> None:
             if info.is_main:
                 print(f"early stop at step {run.step}: {cfg.save_best.metric} did not improve in "
                       f"{cfg.eval_patience} evals", flush=True)
+
+
+PANEL_KEYS = ("inputs", "labels", "puzzle_identifiers", "preds")
+
+
+def log_example_panel(run: Run, outputs: Optional[dict]) -> None:
+    """A few wrong and right eval predictions as one picture: W&B image `eval/examples` and a PNG in the run
+    dir. Uses the eval's saved outputs when they hold the keys, else re-runs the first eval batch for them."""
+    cfg, info = run.cfg, run.info
+    meta = getattr(run.eval_loader, "metadata", None)
+    if not cfg.eval_examples or not hasattr(meta, "blank_identifier_id"):  # LM datasets have no puzzle grids
+        return
+    if not (outputs and all(k in outputs for k in PANEL_KEYS)):
+        _, outputs = evaluate(run.head, run.eval_loader, info, device=info.device, mixed_precision=cfg.mixed_precision,
+                              max_batches=1, save_keys=PANEL_KEYS,
+                              global_batch_size=cfg.eval_batch_size or cfg.global_batch_size)
+    if not info.is_main or not outputs or not len(outputs["preds"]):
+        return
+    from dataset.common import guess_kind
+    from utils import puzzle_view as pv
+    labels = outputs["labels"].astype("int64")
+    preds = outputs["preds"].astype("int64")
+    exact, _ = pv.exact_and_wrong(preds, labels)
+    chosen = pv.pick_examples(exact, cfg.eval_examples)
+    kind = guess_kind(meta, labels[0])
+    names = None
+    ident = Path(cfg.data_path) / "identifiers.json"
+    if kind == "arc" and ident.is_file():
+        import json
+        table = json.loads(ident.read_text())
+        names = [table[int(outputs["puzzle_identifiers"][i])] for i in chosen]
+    img = pv.example_panel(pv.make_style(kind, meta.seq_len, meta.vocab_size), outputs["inputs"].astype("int64"), labels,
+                           preds, chosen, names=names, q_halt=outputs.get("q_halt_logits"),
+                           steps=outputs.get("segment_steps"),
+                           title=f"{cfg.run_name}, eval at step {run.step}: {int((~exact).sum())} of {len(exact)} rows wrong")
+    run.logger.log_image("eval/examples", img, step=run.step)
 
 
 def track_best(run: Run, metrics: dict[str, float]) -> bool:

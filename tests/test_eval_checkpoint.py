@@ -49,7 +49,8 @@ def test_original_checkpoint_evaluates_like_ours(tmp_path):
     assert m_orig["eval/exact_accuracy"] == m_ours["eval/exact_accuracy"]
     assert m_orig["eval/accuracy"] == pytest.approx(m_ours["eval/accuracy"], abs=1e-12)
     p = np.load(tmp_path / "orig" / "step_8_eval" / "predictions.npz")
-    assert set(p.files) == {"inputs", "labels", "puzzle_identifiers", "preds", "q_halt_logits"}
+    assert set(p.files) == {"inputs", "labels", "puzzle_identifiers", "preds", "q_halt_logits", "segment_preds",
+                            "segment_steps"}  # segments: save_segments=auto, small here
 
 
 def test_original_trm_checkpoint_with_data_paths_loads_like_ours(tmp_path):

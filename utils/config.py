@@ -88,6 +88,8 @@ class PretrainConfig:
     eval_samples: int = 1                   # K trajectories per puzzle (batched), one answer chosen
     eval_noise_std: float = 0.0             # Gaussian noise on the latent per recursion step, x its RMS
     eval_select: str = "q"                  # q | first_halt | vote: how the answer is chosen among K
+    eval_save_segments: bool = False        # eval outputs also get each segment's argmax + the halting segment
+    eval_examples: int = 4                  # wrong and right examples per eval panel (PNG + W&B image); 0 = off
     logger: str = "auto"                    # auto | wandb | jsonl | none (jsonl is always written by wandb too)
     wandb_group: Optional[str] = None       # default: one group per multirun sweep
     max_steps: Optional[int] = None         # stop (with a checkpoint) after this many steps
@@ -109,6 +111,8 @@ CHOICES = {
 
 # Allowed ranges of the numeric keys: key -> (low, high, high excluded). Null stays allowed where the schema
 # says Optional; floats must be finite too (lr=nan passed before and trained NaN weights).
+MAX_EVAL_EXAMPLES = 32  # per kind (wrong, right): a panel taller than this is no longer glanceable
+
 BOUNDS = {
     "global_batch_size": (1, None, False), "epochs": (1, None, False), "grad_accum_steps": (1, None, False),
     "log_every": (1, None, False), "eval_interval": (1, None, False), "checkpoint_interval_steps": (1, None, False),
@@ -119,7 +123,7 @@ BOUNDS = {
     "lr": (0.0, None, False), "puzzle_emb_lr": (0.0, None, False), "weight_decay": (0.0, None, False),
     "puzzle_emb_weight_decay": (0.0, None, False), "grad_clip": (0.0, None, False),
     "lr_min_ratio": (0.0, 1.0, False), "beta1": (0.0, 1.0, True), "beta2": (0.0, 1.0, True),
-    "peak_flops": (1.0, None, False), "ema_rate": (0.0, 1.0, True),
+    "peak_flops": (1.0, None, False), "ema_rate": (0.0, 1.0, True), "eval_examples": (0, MAX_EVAL_EXAMPLES, False),
 }
 
 

@@ -18,6 +18,7 @@ from utils.modeling import autocast_context
 from utils.schema import ConfigError
 
 BATCH_KEYS = ("inputs", "labels", "puzzle_identifiers")
+SEGMENT_KEYS = ("segment_preds", "segment_steps")  # what save_segments adds to the outputs
 
 
 def is_mean_key(key: str) -> bool:
@@ -86,17 +87,22 @@ def _real_rows(effective: int, local_batch: int, rank: int) -> int:
 def evaluate(head: torch.nn.Module, loader, info: DistInfo, *, device: torch.device, mixed_precision: str = "none",
              max_batches: Optional[int] = None, save_keys: Iterable[str] = (), global_batch_size: int = 1,
              progress: bool = False, settings: Optional[InferenceSettings] = None,
-             task: Optional[str] = None) -> tuple[dict[str, float], Optional[dict[str, np.ndarray]]]:
+             task: Optional[str] = None, save_segments: bool = False
+             ) -> tuple[dict[str, float], Optional[dict[str, np.ndarray]]]:
     """Run the split once. Returns (flat `eval/...` metrics, outputs gathered on rank 0 or None).
     `save_keys` may name batch keys, output keys, and `preds` (argmax of the logits); padding rows are
     dropped from the outputs. ACT models run under `settings` (eval halting, K samples, noise; see
     utils/inference.py; default: every row for halt_max_steps segments, the original's eval); other
     heads run each batch until every row halted. `task` ('maze', 'arc', ...; utils.eval_metrics.
-    dataset_task) switches on task metrics."""
-    save_keys = list(save_keys)
+    dataset_task) switches on task metrics. `save_segments` adds SEGMENT_KEYS to the outputs: each
+    segment's argmax [N, S, L] (a halted row repeats its answer) and the segment each row halted at [N]."""
+    save_keys = list(save_keys) + [k for k in SEGMENT_KEYS if save_segments and k not in save_keys]
     settings = settings or InferenceSettings()
     segmented = check_inference_support(head, settings)
     model = getattr(head, "model", None)
+    if save_segments and not segmented:
+        raise ConfigError(f"{type(model or head).__name__} has no ACT segment protocol: eval_save_segments needs one "
+                          "(see utils/inference.py)")
     generator = sample_generator(settings, info.rank, device)
     flops_per_segment = segment_flops_per_row(model) if segmented else None
     return_keys = sorted({("logits" if k == "preds" else k) for k in save_keys if k not in BATCH_KEYS})
@@ -121,7 +127,8 @@ def evaluate(head: torch.nn.Module, loader, info: DistInfo, *, device: torch.dev
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             if segmented:
                 with autocast_context(device, mixed_precision):
-                    metrics, outputs = infer_batch(head, batch, settings, generator=generator, task=task)
+                    metrics, outputs = infer_batch(head, batch, settings, generator=generator, task=task,
+                                                   capture_segments=save_segments)
             else:
                 carry = head.initial_carry(batch)
                 while True:
@@ -137,6 +144,8 @@ def evaluate(head: torch.nn.Module, loader, info: DistInfo, *, device: torch.dev
                         value = batch[k]
                     elif k == "preds":
                         value = torch.argmax(outputs["logits"], dim=-1).to(torch.int32)
+                    elif k == "segment_preds" and outputs["logits"].shape[-1] <= 256:
+                        value = outputs[k].to(torch.uint8)  # [B, S, L]: 1 byte a token for every puzzle vocab
                     else:
                         value = outputs[k]
                     collected[k].append(value[:n].float().cpu().numpy() if value.dtype == torch.bfloat16

@@ -117,6 +117,18 @@ class MetricLogger:
         if self.wandb_run is not None:
             self.wandb_run.log(clean, step=step)
 
+    def log_image(self, key: str, image, step: int, caption: str = "") -> Path | None:
+        """A PIL image as `<run dir>/examples/<key>_step_<N>.png` (every logger kind but none) and, with
+        W&B, as `wandb.Image` under `key`. Returns the PNG path."""
+        if self.kind == "none":
+            return None
+        from utils.puzzle_view import save_png_atomic
+        path = save_png_atomic(image, self.run_dir / "examples" / f"{key.replace('/', '_')}_step_{step}.png")
+        if self.wandb_run is not None:
+            import wandb
+            self.wandb_run.log({key: wandb.Image(str(path), caption=caption or None)}, step=step)
+        return path
+
     def summary(self, values: dict[str, Any]) -> None:
         if self.wandb_run is not None:
             self.wandb_run.summary.update({k: _plain(v) for k, v in values.items()})
