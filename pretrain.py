@@ -32,7 +32,7 @@ import torch
 
 from utils import checkpoint as ckpt
 from utils.config import INJECTED_ARCH_KEYS, PretrainConfig, build_config, default_names
-from utils.data import batches_per_epoch, data_errors, make_dataset, make_loader, validate_dataset
+from utils.data import batches_per_epoch, data_errors, dataset_kind, make_dataset, make_loader, validate_dataset
 from utils.distributed import (DistInfo, all_gather_object, all_reduce_grads, barrier, broadcast_module_state,
                                broadcast_object, init_distributed, shutdown_distributed)
 from utils.ema import WeightEMA
@@ -346,9 +346,9 @@ def log_example_panel(run: Run, outputs: Optional[dict]) -> None:
     """A few wrong and right eval predictions as one picture: W&B image `eval/examples` and a PNG in the run
     dir. Uses the eval's saved outputs when they hold the keys, else re-runs the first eval batch for them."""
     cfg, info = run.cfg, run.info
-    meta = getattr(run.eval_loader, "metadata", None)
-    if not cfg.eval_examples or not hasattr(meta, "blank_identifier_id"):  # LM datasets have no puzzle grids
+    if not cfg.eval_examples or dataset_kind(cfg.data_path) != "puzzle":  # LM datasets have no puzzle grids
         return
+    meta = run.eval_loader.metadata
     if not (outputs and all(k in outputs for k in PANEL_KEYS)):
         _, outputs = evaluate(run.head, run.eval_loader, info, device=info.device, mixed_precision=cfg.mixed_precision,
                               max_batches=1, save_keys=PANEL_KEYS,

@@ -103,9 +103,9 @@ def segment_exact_accuracy(segment_preds: np.ndarray, labels: np.ndarray) -> np.
     """[N, S, L] per-segment answers, [N, L] labels -> [S] fraction of rows exactly right at each segment."""
     if len(labels) == 0:
         return np.zeros(segment_preds.shape[1] if segment_preds.ndim == 3 else 0)
-    mask = (labels != IGNORE_LABEL_ID)[:, None, :]
-    right = ~((segment_preds.astype(np.int64) != labels[:, None, :].astype(np.int64)) & mask).any(axis=-1)
-    return right.mean(axis=0)
+    mask = labels != IGNORE_LABEL_ID
+    return np.array([(~((segment_preds[:, k] != labels) & mask).any(axis=-1)).mean()
+                     for k in range(segment_preds.shape[1])])  # one segment at a time: [N, L] temporaries
 
 
 def pick_examples(exact: np.ndarray, count: int) -> list[int]:

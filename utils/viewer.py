@@ -145,12 +145,21 @@ def blob(arr: np.ndarray) -> dict:
     arr = np.ascontiguousarray(arr)
     if arr.dtype not in codes:
         raise TypeError(f"blob: unsupported dtype {arr.dtype}")
-    raw = gzip.compress(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes(), compresslevel=6, mtime=0)
+    # Level 1: 5-10x faster than the default on 100 MB of segment answers, and within ~20% of its size.
+    raw = gzip.compress(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes(), compresslevel=1, mtime=0)
     return {"dtype": codes[arr.dtype], "shape": list(arr.shape), "b64": base64.b64encode(raw).decode("ascii")}
 
 
 def _tokens(arr: np.ndarray, dtype, ignore: int) -> np.ndarray:
+    """Labels -> page tokens: IGNORE_LABEL_ID becomes `ignore` (the largest value of `dtype`)."""
     return np.where(arr == IGNORE_LABEL_ID, ignore, arr).astype(dtype)
+
+
+def _answers(arr: np.ndarray, dtype, ignore: int) -> np.ndarray:
+    """Predicted tokens -> page tokens (no copy when they already fit), never the `ignore` value."""
+    if arr.dtype == dtype and (arr.size == 0 or arr.max() < ignore):
+        return arr
+    return np.clip(arr, 0, ignore - 1).astype(dtype)
 
 
 def _arc_demos(root: Path, pids: np.ndarray, token_dtype) -> dict:
@@ -258,6 +267,7 @@ def build_payload(data_path: str, split: str = "test", predictions: Optional[str
         rng = np.random.default_rng(seed)
         sel = np.sort(rng.choice(n_total, size=limit, replace=False))
     rows = rows[sel]
+    pick = (lambda a: a) if len(sel) == n_total else (lambda a: a[sel])  # no copy of big arrays when not sampling
     items = {
         "row": blob(rows.astype(np.int32)),
         "puzzle": blob(data.puzzle[rows].astype(np.int32)),
@@ -271,31 +281,31 @@ def build_payload(data_path: str, split: str = "test", predictions: Optional[str
                if p < len(names) and p != meta.blank_identifier_id}
     summary = {"items": int(len(rows)), "examples": int(len(data.inputs)), "predicted": n_total if pred is not None else 0}
     if pred is not None:
-        preds = pred["preds"][sel].astype(np.int64)
+        preds = pick(pred["preds"]).astype(np.int64)
         exact, n_wrong = exact_and_wrong(preds, data.labels[rows])
-        items["preds"] = blob(np.clip(preds, 0, ignore - 1).astype(token_dtype))
+        items["preds"] = blob(_answers(preds, token_dtype, ignore))
         items["exact"] = blob(exact.astype(np.uint8))
         items["nwrong"] = blob(n_wrong.astype(np.int32))
         if "q_halt_logits" in pred:
-            items["q"] = blob(sigmoid(pred["q_halt_logits"][sel]).astype(np.float32))
+            items["q"] = blob(sigmoid(pick(pred["q_halt_logits"])).astype(np.float32))
         summary["exact"] = float(exact.mean()) if len(exact) else 0.0
         if "segment_preds" in pred and pred["segment_preds"].ndim == 3:
-            segs = pred["segment_preds"][sel]
+            segs = pick(pred["segment_preds"])
             if segs.shape[2] != meta.seq_len:
                 raise ViewerError(f"predictions '{where}': segment_preds have shape {tuple(segs.shape)}; expected "
                                   f"[N, segments, {meta.seq_len}]")
-            items["segs"] = blob(np.clip(segs, 0, ignore - 1).astype(token_dtype))
+            items["segs"] = blob(_answers(segs, token_dtype, ignore))
             summary["segments"] = int(segs.shape[1])
             summary["segmentExact"] = [round(float(a), 6) for a in segment_exact_accuracy(segs, data.labels[rows])]
             if kind == "arc":
                 items["segBox"] = blob(arc_boxes(segs.reshape(-1, segs.shape[2]), True).reshape(len(segs), -1, 4))
         if "segment_steps" in pred:
-            items["steps"] = blob(pred["segment_steps"][sel].astype(np.int32))
+            items["steps"] = blob(pick(pred["segment_steps"]).astype(np.int32))
     if kind == "arc":
         items["inBox"] = blob(arc_boxes(data.inputs[rows], False))
         items["labelBox"] = blob(arc_boxes(np.where(data.labels[rows] < 0, 0, data.labels[rows]), False))
         if pred is not None:
-            items["predBox"] = blob(arc_boxes(pred["preds"][sel], True))
+            items["predBox"] = blob(arc_boxes(pick(pred["preds"]), True))
     style = make_style(kind, meta.seq_len, meta.vocab_size)
     return {
         "version": 1,
