@@ -116,10 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     from utils.viewer import ViewerError
     try:
         run(parse_args(sys.argv[1:] if argv is None else argv))
-    except (ConfigError, ViewerError) + data_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as e:
+    except (ConfigError, ViewerError, OSError) + data_errors() as e:  # OSError: e.g. out= not writable
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

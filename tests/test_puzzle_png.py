@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from utils import puzzle_view as pv
-from trainer_helpers import build_tiny_sudoku, run_cli, tiny_overrides, train
+from trainer_helpers import build_tiny_sudoku, tiny_overrides, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -84,10 +84,18 @@ def test_training_eval_logs_example_panel_to_run_dir_and_wandb_offline(tmp_path,
     assert np.array_equal(outputs["segment_preds"][:, -1], outputs["preds"])
 
 
-def test_panel_without_saved_outputs_and_off_switch(tmp_path):
-    data = build_tiny_sudoku(tmp_path / "data")
-    train(tiny_overrides(data, tmp_path / "a", epochs=1))  # default eval_examples=4, no eval_save_outputs
-    assert [p.name for p in (tmp_path / "a" / "examples").iterdir()] == ["eval_examples_step_4.png"]
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """One epoch with the defaults: eval_examples=4 and no eval_save_outputs."""
+    root = tmp_path_factory.mktemp("panel_run")
+    data = build_tiny_sudoku(root / "data")
+    train(tiny_overrides(data, root / "run", epochs=1))
+    return data, root / "run"
+
+
+def test_panel_without_saved_outputs_and_off_switch(default_run, tmp_path):
+    data, run = default_run
+    assert [p.name for p in (run / "examples").iterdir()] == ["eval_examples_step_4.png"]
     train(tiny_overrides(data, tmp_path / "b", epochs=1, eval_examples=0))
     assert not (tmp_path / "b" / "examples").exists()
     from trainer_helpers import compose
@@ -96,12 +104,11 @@ def test_panel_without_saved_outputs_and_off_switch(tmp_path):
         compose(tiny_overrides(data, tmp_path / "c", eval_examples=-1))
 
 
-def test_evaluate_writes_segments_and_accuracy_plot(tmp_path):
-    data = build_tiny_sudoku(tmp_path / "data")
-    train(tiny_overrides(data, tmp_path / "run", epochs=1, eval_examples=0))
-    proc = run_cli(["evaluate.py", f"checkpoint={tmp_path / 'run' / 'step_4'}", f"output_dir={tmp_path / 'ev'}"])
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "exact accuracy by segment: 1: " in proc.stdout
+def test_evaluate_writes_segments_and_accuracy_plot(default_run, tmp_path, capsys):
+    import evaluate  # in-process (a subprocess would spend most of this test importing torch)
+    _, run = default_run
+    evaluate.run(evaluate.parse_args([f"checkpoint={run / 'step_4'}", f"output_dir={tmp_path / 'ev'}"]))
+    assert "exact accuracy by segment: 1: " in capsys.readouterr().out
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     p = np.load(tmp_path / "ev" / "predictions.npz")
     acc = pv.segment_exact_accuracy(p["segment_preds"], p["labels"])
@@ -109,7 +116,7 @@ def test_evaluate_writes_segments_and_accuracy_plot(tmp_path):
     assert m["eval/segment_2/exact_accuracy"] == pytest.approx(m["eval/exact_accuracy"])  # the last segment is the answer
     plot = Image.open(tmp_path / "ev" / "accuracy_by_segment.png")
     assert plot.format == "PNG" and plot.size == (500, 320)
-    proc = run_cli(["evaluate.py", f"checkpoint={tmp_path / 'run' / 'step_4'}", f"output_dir={tmp_path / 'ev2'}",
-                    "save_segments=false"])
-    assert proc.returncode == 0 and "segment_preds" not in np.load(tmp_path / "ev2" / "predictions.npz").files
+    evaluate.run(evaluate.parse_args([f"checkpoint={run / 'step_4'}", f"output_dir={tmp_path / 'ev2'}",
+                                      "save_segments=false"]))
+    assert "segment_preds" not in np.load(tmp_path / "ev2" / "predictions.npz").files
     assert not (tmp_path / "ev2" / "accuracy_by_segment.png").exists()

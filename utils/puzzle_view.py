@@ -245,10 +245,11 @@ def example_panel(style: Style, inputs: np.ndarray, labels: np.ndarray, preds: n
 
 
 def save_png_atomic(img, path: str | os.PathLike) -> Path:
+    """A PIL image or a matplotlib figure as PNG: a temporary sibling first, then a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    img.save(tmp, format="PNG")
+    (getattr(img, "savefig", None) or img.save)(tmp, format="png")
     os.replace(tmp, path)
     return path
 
@@ -271,9 +272,4 @@ def plot_segment_accuracy(acc: np.ndarray, path: str | os.PathLike, title: str =
     ax.grid(alpha=0.3)
     ax.set_title(title or "exact accuracy by segment", fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
-    return path
+    return save_png_atomic(fig, path)
