@@ -42,7 +42,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for key in OPTIONS:
         parser.add_argument(f"--{key.replace('_', '-')}", dest=key, type=int if key in INT_OPTIONS else str)
     parser.add_argument("--serve", action="store_true", help="serve the page on 127.0.0.1 instead of writing a file")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value words may come after --serve
     apply_key_values(args, args.overrides, OPTIONS, ints=INT_OPTIONS)
     if not args.data_path:
         raise ConfigError("data_path=<a built puzzle dataset> is required")

@@ -182,3 +182,29 @@ def test_segment_recorder_freezes_halted_rows():
     short, long = np.zeros((2, 1, 3)), np.ones((1, 3, 3))
     a, b = pad_segments([short, long])
     assert a.shape == (2, 3, 3) and b is long
+
+
+def test_serve_answers_on_loopback_only(data):
+    """--serve: the same page from memory on 127.0.0.1 (a free port), stopped by the test."""
+    import subprocess
+    import urllib.request
+
+    from trainer_helpers import PY, REPO
+    proc = subprocess.Popen([PY, "visualize.py", f"data_path={data['maze']}", "--serve", "port=0"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = None
+        for _ in range(5):  # the summary line, then the address
+            line = proc.stdout.readline()
+            if "http://127.0.0.1:" in line:
+                url = line.split("serving the viewer on ")[1].split()[0]
+                break
+        assert url is not None and url.startswith("http://127.0.0.1:"), proc.stderr.read() if proc.poll() is not None else ""
+        with urllib.request.urlopen(url, timeout=30) as r:
+            page = r.read().decode()
+        assert r.status == 200 and 'id="viewer-data"' in page and '"kind":"maze"' in page
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(url + "other", timeout=30)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
