@@ -1,6 +1,6 @@
 """visualize.py / utils/viewer.py without a browser: what the page embeds (counts, exact flags, wrong
 cells, segments, ARC crops, demo pairs and voted tasks), row matching, sampling, and the one-line errors
-for bad input with no HTML left behind. Plus the per-segment capture of utils/evaluation.py."""
+for bad input with no HTML left behind, and --serve."""
 from __future__ import annotations
 
 import base64
@@ -9,12 +9,10 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from dataset.common import PuzzleDatasetMetadata, guess_kind, parse_arc_identifier
 from trainer_helpers import run_cli
 from utils import viewer
-from utils.evaluation import SegmentRecorder, pad_segments
 from viewer_helpers import N_SEGMENTS, build_datasets, fake_predictions, split_arrays
 
 
@@ -167,21 +165,6 @@ def test_cli_writes_page_atomically_and_states_large_sizes(data, tmp_path, monke
     with pytest.raises(SystemExit) as e:
         visualize.main([f"data_path={data['maze']}", "limt=3"])
     assert e.value.code == 2 and "did you mean 'limit'" in capsys.readouterr().err
-
-
-def test_segment_recorder_freezes_halted_rows():
-    rec = SegmentRecorder()
-    V = 4
-    def logits(tokens):  # [B, L] -> one-hot logits
-        return torch.nn.functional.one_hot(torch.tensor(tokens), V).float()
-    rec.add(logits([[0, 1], [2, 2]]), torch.tensor([False, True]))   # row 1 halts at segment 1
-    rec.add(logits([[1, 1], [3, 3]]), torch.tensor([False, False]))  # row 1 restarted: ignored
-    rec.add(logits([[1, 2], [0, 0]]), torch.tensor([True, True]))
-    assert rec.steps.tolist() == [3, 1]
-    assert rec.preds().tolist() == [[[0, 1], [1, 1], [1, 2]], [[2, 2], [2, 2], [2, 2]]]
-    short, long = np.zeros((2, 1, 3)), np.ones((1, 3, 3))
-    a, b = pad_segments([short, long])
-    assert a.shape == (2, 3, 3) and b is long
 
 
 def test_serve_answers_on_loopback_only(data):
