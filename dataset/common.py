@@ -178,24 +178,36 @@ def sudoku_box(side: int) -> tuple[int, int]:
     return rows, side // rows
 
 
-def guess_kind(meta: PuzzleDatasetMetadata, sample_label: np.ndarray | None = None) -> str:
-    """sudoku | maze | arc | context | grid from the metadata (the builders' encodings), with one label row
-    to tell a 4x4 Sudoku (vocab 6: PAD, blank, digits 1-4) from a maze (vocab 6: PAD # ' ' S G o)."""
+def puzzle_kind(vocab_size: int, seq_len: int, num_puzzle_identifiers: int | None = None,
+                sample_label: np.ndarray | None = None) -> str:
+    """sudoku | maze | arc | context | grid from a format's vocabulary and length (the builders' encodings).
+    ARC is 30x30 canvases over 12 tokens (with more than the blank puzzle id, when the count is known); a
+    Sudoku an n x n grid over n + 2 tokens (PAD, blank, digits); a maze a square grid over the maze
+    builder's 6 tokens (PAD # ' ' S G o). The one overlap is 16 cells over 6 tokens: one label row tells a
+    4x4 maze from a 4x4 Sudoku; without one it is taken as the Sudoku (generated mazes are larger)."""
     from dataset.context import CONTEXT_VOCAB_SIZE  # dataset.context imports this module
-    if meta.vocab_size == CONTEXT_VOCAB_SIZE:
+    if vocab_size == CONTEXT_VOCAB_SIZE:
         return "context"
-    side = int(round(meta.seq_len ** 0.5))
-    square = side * side == meta.seq_len
-    if meta.vocab_size == 12 and meta.seq_len == ARC_GRID * ARC_GRID and meta.num_puzzle_identifiers > 1:
+    side = int(round(seq_len ** 0.5))
+    square = side * side == seq_len
+    if vocab_size == 12 and seq_len == ARC_GRID * ARC_GRID and (num_puzzle_identifiers is None
+                                                                 or num_puzzle_identifiers > 1):
         return "arc"
-    sudoku = square and meta.vocab_size == side + 2
-    maze = square and meta.vocab_size == 6
-    if sudoku and maze and sample_label is not None:
+    sudoku = square and vocab_size == side + 2
+    maze = square and vocab_size == 6
+    if sudoku and maze:
+        if sample_label is None:
+            return "sudoku"
         first_row = np.sort(np.asarray(sample_label).reshape(side, side)[0])
         return "sudoku" if np.array_equal(first_row, np.arange(2, side + 2)) else "maze"
     if maze:
         return "maze"
     return "sudoku" if sudoku else "grid"
+
+
+def guess_kind(meta: PuzzleDatasetMetadata, sample_label: np.ndarray | None = None) -> str:
+    """puzzle_kind() of a dataset split's metadata."""
+    return puzzle_kind(meta.vocab_size, meta.seq_len, meta.num_puzzle_identifiers, sample_label)
 
 
 # ---------------------------------------------------------------------------------------------------

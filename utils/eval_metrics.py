@@ -39,19 +39,11 @@ def format_interval(value: float, low: float, high: float) -> str:
 # which task a dataset holds
 
 def task_from_shape(vocab_size: int, seq_len: int) -> Optional[str]:
-    """'arc', 'maze', 'sudoku' or None from a puzzle format's vocabulary and length: ARC is 30x30
-    canvases over 12 tokens; a maze a square grid over the maze builder's 6 tokens with side >= 5 (the
-    only other 6-token puzzle is the 4x4 Sudoku, 16 cells); a Sudoku an n x n grid over n + 2 tokens
-    (PAD, blank, digits)."""
-    side = math.isqrt(seq_len)
-    square = side * side == seq_len
-    if seq_len == 900 and vocab_size == 12:
-        return "arc"
-    if square and vocab_size == 6 and side >= 5:
-        return "maze"
-    if square and vocab_size == side + 2 and side in (4, 6, 9):
-        return "sudoku"
-    return None
+    """'arc', 'maze', 'sudoku' or None (no task metric applies): dataset.common.puzzle_kind, the one rule
+    the inspector, the viewer and the panels use too."""
+    from dataset.common import puzzle_kind  # numpy only; keeps this module free of torch
+    kind = puzzle_kind(vocab_size, seq_len)
+    return kind if kind in ("arc", "maze", "sudoku") else None
 
 
 def dataset_task(data_path: str | Path) -> Optional[str]:
