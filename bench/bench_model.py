@@ -89,6 +89,12 @@ def build(shape: str, dtype: str, gating: bool, attn_backend: str = "auto", arch
     model.set_generator(torch.Generator().manual_seed(0))
     head = ACTLossHead(model, "stablemax_cross_entropy")
     head.train()
+    return (head, *synthetic_batch_and_optimizers(model, head, cfg))
+
+
+def synthetic_batch_and_optimizers(model, head, cfg: dict):
+    """A seeded random batch at the config's shape and the original's two optimizers (AdamATan2 for the
+    dense weights, sign-SGD for the puzzle table), as every step bench times them."""
     g = torch.Generator().manual_seed(1)
     B, L, V = cfg["batch_size"], cfg["seq_len"], cfg["vocab_size"]
     batch = {"inputs": torch.randint(1, V, (B, L), generator=g, dtype=torch.int32),
@@ -97,7 +103,7 @@ def build(shape: str, dtype: str, gating: bool, attn_backend: str = "auto", arch
     opts = [AdamATan2(head.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=1.0),
             CastedSparseEmbeddingSignSGD_Distributed(model.puzzle_emb.buffers(), world_size=1, lr=1e-4,
                                                      weight_decay=1.0)]
-    return head, batch, opts
+    return batch, opts
 
 
 class Runner:

@@ -27,12 +27,10 @@ import time
 
 import torch
 
-from bench.bench_model import SHAPES, original_like
+from bench.bench_model import SHAPES, original_like, synthetic_batch_and_optimizers
 from models.hrm.hrm_act_v1 import HierarchicalReasoningModel_ACTV1
 from models.losses import ACTLossHead
 from models.recursive_reasoning.trm import TinyRecursiveReasoningModel_ACTV1
-from models.sparse_embedding import CastedSparseEmbeddingSignSGD_Distributed
-from utils.adam_atan2 import AdamATan2
 
 ARCHS = {"hrm": HierarchicalReasoningModel_ACTV1, "trm": TinyRecursiveReasoningModel_ACTV1}
 # TRM at the same tiny shape: its one network has L_layers=2 blocks; the original's 16 prefix positions.
@@ -52,15 +50,7 @@ def build(arch: str, shape: str, dtype: str, reference: bool, compiled: bool):
     if compiled:
         from utils.modeling import compile_blocks
         compile_blocks(head)
-    g = torch.Generator().manual_seed(1)
-    B, L, V = cfg["batch_size"], cfg["seq_len"], cfg["vocab_size"]
-    batch = {"inputs": torch.randint(1, V, (B, L), generator=g, dtype=torch.int32),
-             "labels": torch.randint(1, V, (B, L), generator=g, dtype=torch.int32),
-             "puzzle_identifiers": torch.zeros(B, dtype=torch.int32)}
-    opts = [AdamATan2(head.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=1.0),
-            CastedSparseEmbeddingSignSGD_Distributed(model.puzzle_emb.buffers(), world_size=1, lr=1e-4,
-                                                     weight_decay=1.0)]
-    return head, batch, opts
+    return (head, *synthetic_batch_and_optimizers(model, head, cfg))
 
 
 class Runner:
