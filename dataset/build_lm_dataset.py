@@ -4,6 +4,8 @@
         --vocab-size 2048 --max-seq-len 256 --seed 0
     python -m dataset.build_lm_dataset mix --inputs data/lang:0.9 data/gsm8k:0.05 data/mbpp:0.05 \
         --output-dir data/mix --train-samples 100000
+    python -m dataset.build_lm_dataset reasoning --task addition --train-digits 1..3 --extrap-digits 4..5 \
+        --output-dir data/lm-addition     # generated tasks: see dataset/lm_reasoning.py
 
 Output (read by lm_dataset.LMDataset):
     <out>/meta.json          pad/bos/eos/unk ids, vocab_size, token_dtype, split counts, build settings
@@ -523,6 +525,15 @@ def build(cfg: BuildConfig, _forced: dict | None = None) -> dict:
         return _build(cfg, e.forced)
 
 
+def load_tokenizer(path: str) -> LMTokenizer:
+    """A --tokenizer to reuse, checked against the meta.json beside it when it sits in a prepared dataset."""
+    tok = LMTokenizer.from_file(path)
+    beside = Path(path).parent / "meta.json"
+    if beside.is_file():
+        tok.check_against_meta(json.loads(beside.read_text()), str(beside))
+    return tok
+
+
 def _build(cfg: BuildConfig, forced: dict | None) -> dict:
     t0 = time.time()
     _check_build_args(cfg)
@@ -537,10 +548,7 @@ def _build(cfg: BuildConfig, forced: dict | None) -> dict:
     if cfg.mode == "triples":
         tok, specials = _triples_vocab(cfg, files)
     elif cfg.tokenizer:
-        tok = LMTokenizer.from_file(cfg.tokenizer)
-        beside = Path(cfg.tokenizer).parent / "meta.json"
-        if beside.is_file():
-            tok.check_against_meta(json.loads(beside.read_text()), str(beside))
+        tok = load_tokenizer(cfg.tokenizer)
         specials = {**tok.special_ids(), "vocab_size": tok.vocab_size}
     else:
         def train_texts():
@@ -639,6 +647,29 @@ def dataset_meta(specials: dict, dtype: np.dtype, split_stats: dict, tokenizer_n
         "max_target_len": max(v["max_target_len"] for v in split_stats.values()),
         "tokenizer": tokenizer_note,
     }
+
+
+def write_examples(guard: AtomicOutputDir, tok: LMTokenizer, examples: dict, meta_extra: dict,
+                   split_arrays: dict | None = None, chunk: int = 4096) -> dict:
+    """Tokenise in-memory texts {split: (prompts, targets)} and write a prepared dataset through `guard`
+    (temp dir, renamed when complete). `split_arrays` {split: {file name: array}} adds side files such as
+    groups.npy; `meta_extra` adds meta.json keys. Used by generators whose records are made, not read."""
+    dtype = token_dtype_for(tok.vocab_size)
+    with guard as tmp:
+        split_stats = {}
+        for split in SPLITS:
+            prompts, targets = examples[split]
+            writer = SplitWriter(tmp / split, dtype, tok.vocab_size)
+            for c in range(0, len(prompts), chunk):
+                writer.add_many(tok.encode_batch(prompts[c:c + chunk]), tok.encode_batch(targets[c:c + chunk]))
+            split_stats[split] = writer.close()
+            for name, arr in (split_arrays or {}).get(split, {}).items():
+                np.save(tmp / split / name, arr, allow_pickle=False)
+        tok.save(tmp / "tokenizer.json")
+        specials = {**tok.special_ids(), "vocab_size": tok.vocab_size}
+        meta = {**dataset_meta(specials, dtype, split_stats, "tokenizer.json"), **meta_extra}
+        _write_json(tmp / "meta.json", meta)
+    return meta
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -750,7 +781,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m dataset.build_lm_dataset",
         description="Tokenise a corpus into a memory-mapped prompt -> continuation dataset. "
-                    "Use 'python -m dataset.build_lm_dataset mix --help' to mix prepared datasets.")
+                    "Use 'python -m dataset.build_lm_dataset mix --help' to mix prepared datasets, "
+                    "'... reasoning --help' to generate reasoning tasks (addition, sort, sudoku, ...).")
     p.add_argument("--source", required=True, help="file or directory (.txt, .jsonl[.gz|.zst], .json, .parquet); "
                    "a directory with train/validation/test-named files keeps its split")
     p.add_argument("--output-dir", required=True)
@@ -809,7 +841,13 @@ def _parse_inputs(items: list[str]) -> list[tuple[str, float]]:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     with exit_on_dataset_error():
-        if argv[:1] == ["mix"]:
+        if argv[:1] == ["reasoning"]:
+            from dataset.lm_reasoning import build_reasoning, config_from_args, reasoning_parser
+            a = reasoning_parser().parse_args(argv[1:])
+            t0 = time.time()
+            meta = build_reasoning(config_from_args(a))
+            meta["seconds"] = time.time() - t0
+        elif argv[:1] == ["mix"]:
             a = _mix_parser().parse_args(argv[1:])
             meta = mix(_parse_inputs(a.inputs), a.output_dir, seed=a.seed, overwrite=a.overwrite,
                        quotas={"train": a.train_samples, "validation": a.validation_samples, "test": a.test_samples})
