@@ -28,6 +28,9 @@ import numpy as np
 
 from dataset.build_lm_dataset import (SPLITS, AtomicOutputDir, _largest_remainder, load_tokenizer,
                                       write_examples)
+from dataset.build_maze_dataset import CHARSET as MAZE_CHARSET, generate_mazes
+from dataset.build_sudoku_dataset import generate_puzzles
+from dataset.common import DatasetError
 from dataset.lm_tokenizer import LMDataError, LMTokenizer, train_bpe_tokenizer
 
 Item = tuple[str, str]  # (prompt, answer)
@@ -188,17 +191,15 @@ SUDOKU_CHARS = ".123456789"  # value 0 = blank
 
 
 def _sudoku_draw(task: "Task", level: int, count: int, rng: np.random.Generator, knobs: dict) -> list[Item]:
-    from dataset.build_sudoku_dataset import generate_puzzles
     grid = knobs["grid"]
     q, a = generate_puzzles(count, grid, (level, level), rng, set(), desc=f"sudoku blanks_{level}")
     return [(f"sudoku\n{grid_text(qi, grid, SUDOKU_CHARS)}\n", grid_text(ai, grid, SUDOKU_CHARS)) for qi, ai in zip(q, a)]
 
 
-MAZE_CHARS = "?# SGo"  # maze tokens 1..5 (build_maze_dataset.CHARSET); 0 is PAD and never occurs
+MAZE_CHARS = "?" + MAZE_CHARSET  # maze token t is MAZE_CHARSET[t - 1]; 0 is PAD and never occurs
 
 
 def _maze_draw(task: "Task", level: int, count: int, rng: np.random.Generator, knobs: dict) -> list[Item]:
-    from dataset.build_maze_dataset import generate_mazes
     q, a = generate_mazes(count, level, rng, knobs["braid"], set(), desc=f"maze size_{level}")
     return [(f"maze\n{grid_text(qi, level, MAZE_CHARS)}\n", grid_text(ai, level, MAZE_CHARS)) for qi, ai in zip(q, a)]
 
@@ -265,7 +266,7 @@ KNOBS: dict[str, tuple[dict, object, Callable]] = {
     "operand_max": ({"type": int, "help": "arithmetic: operands are 0..N (default 9)"}, 9,
                     lambda v: None if v >= 1 else "must be >= 1"),
     "worked_steps": ({"action": "store_true", "help": "arithmetic: the answer lists every reduced expression "
-                      "('3+4*2=3+8=11'), the result last"}, False, lambda v: None),
+                      "('3+4*2=' -> '3+8=11'), the result last"}, False, lambda v: None),
     "values": ({"type": int, "help": "sort/dedup: list values are 0..N-1 (default 10)"}, 10,
                lambda v: None if v >= 2 else "must be >= 2"),
     "grid": ({"type": int, "help": "sudoku: grid side 4, 6 or 9 (default 4)"}, 4,
@@ -369,7 +370,10 @@ def draw_range(task: Task, levels: list[int], total: int, knobs: dict, seed: int
     items, item_levels = [], []
     for lv, q in zip(levels, quotas):
         if q:
-            items += task.draw(task, lv, q, np.random.default_rng([seed, phase, lv]), knobs)
+            try:
+                items += task.draw(task, lv, q, np.random.default_rng([seed, phase, lv]), knobs)
+            except DatasetError as e:  # the puzzle generators' own message, told which request it fails
+                raise LMDataError(f"{what}: {e}") from None
             item_levels += [lv] * q
     return items, item_levels
 

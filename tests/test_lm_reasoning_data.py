@@ -213,6 +213,8 @@ def test_mix_with_language_data_loads_and_drops_group_tags(tmp_path):
     meta = json.loads((tmp_path / "mix" / "meta.json").read_text())
     assert meta["mix"]["per_source"]["train"][str(math)] > 0
     assert "reasoning" not in meta and not (tmp_path / "mix" / "train" / "groups.npy").exists()
+    sort = build(tmp_path, "sort", "sort", tokenizer=str(math / "tokenizer.json"))  # reused, not retrained
+    assert (sort / "tokenizer.json").read_bytes() == (math / "tokenizer.json").read_bytes()
     cfg = LMDatasetConfig(seed=0, dataset_path=str(tmp_path / "mix"), global_batch_size=8, test_set_mode=False,
                           epochs_per_iter=1, rank=0, num_replicas=1)
     _, batch, n = next(iter(LMDataset(cfg, "train")))
@@ -247,6 +249,8 @@ def bad(tmp_path, capsys, *argv) -> str:
     (["--task", "sudoku", "--extrap-blanks", "16"], "blanks <= 15"),
     (["--task", "maze", "--train-side", "8"], "odd side only"),
     (["--task", "sudoku", "--grid", "5"], "--grid must be 4, 6 or 9"),
+    (["--task", "maze", "--train-side", "5", "--extrap-side", "7", "--train-items", "200", "--val-items", "10"],
+     "maze --train-side 5..5 (--train-items 200 + --val-items 10): only "),
     (["--task", "arithmetic", "--operand-max", "0"], "--operand-max must be >= 1, got 0"),
     (["--task", "rewrite", "--string-len", "0..3"], "--string-len must be >= 1, got 0..3"),
 ])
