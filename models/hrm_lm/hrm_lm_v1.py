@@ -31,14 +31,13 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Iterator
-
 import torch
 from torch import nn
 
 from models.hrm_lm.moe import MoEFeedForward
 from models.layers import (ATTN_BACKENDS, Attention, CastedLinear, CrossAttention, PostNormBlock, RotaryEmbedding,
                            SwiGLU)
+from models.lm_generation import LMGeneration, sample_next  # noqa: F401 - sample_next: its old home
 from models.recursion import RECURSIONS, ReasoningModule
 from utils.schema import ConfigError, from_dict
 
@@ -299,7 +298,7 @@ def validate_config(c: HRMLanguageModelConfig) -> None:
 # Model
 # ---------------------------------------------------------------------------------------------------
 
-class HRMLanguageModel(nn.Module):
+class HRMLanguageModel(LMGeneration, nn.Module):
     config_class = HRMLanguageModelConfig
     # Checkpoints written before the LM moved onto the shared blocks (models/layers.py, 2026-12) name the
     # same tensors attn.qkv/o, cross_attn.q/kv/o, mlp.gate_up/down and, in the core, layers.<i>.attn;
@@ -580,23 +579,10 @@ class HRMLanguageModel(nn.Module):
         return logits[:, -1]
 
     @torch.no_grad()
-    def generate(self, encoder_ids: torch.Tensor, encoder_mask: torch.Tensor, max_new_tokens: int,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
-                 generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
-        """Yield the next token [B] for each step, starting from BOS; stops early once every row emitted EOS
-        (rows that finished keep emitting EOS)."""
-        state = self.prepare_generation(encoder_ids, encoder_mask)
-        B = encoder_ids.shape[0]
-        tok = torch.full((B,), self.config.bos_id, dtype=torch.long, device=encoder_ids.device)
-        finished = torch.zeros(B, dtype=torch.bool, device=encoder_ids.device)
-        for _ in range(max_new_tokens):
-            logits = self.decode_step(tok, state)
-            tok = sample_next(logits, temperature, top_k, top_p, greedy, generator)
-            tok = torch.where(finished, torch.full_like(tok, self.config.eos_id), tok)
-            finished |= tok == self.config.eos_id
-            yield tok
-            if bool(finished.all()):
-                break
+    def decode_prefix(self, decoder_input_ids: torch.Tensor, state: dict) -> torch.Tensor:
+        """decoder_input_ids [B, t] (BOS first) -> the last position's next-token logits [B, V], without the
+        KV cache (the prompt's memory is still computed once, in prepare_generation)."""
+        return self.decode(decoder_input_ids, state["memory_kv"], state["memory_mask"])[:, -1]
 
     def estimate_flops(self, batch_size: int) -> float:
         """Rough FLOPs of one training step: 6 * params * tokens for the encoder and decoder (fwd + bwd),
@@ -623,23 +609,3 @@ class HRMLanguageModel(nn.Module):
         per_token = 6 * enc + dec_passes * 6 * dec + c.halt_max_steps * (2 * nograd + 6 * grad)
         return float(per_token * L * batch_size)
 
-
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                greedy: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits [B, V] -> token ids [B]. greedy (or temperature 0) = argmax; otherwise temperature, then top-k,
-    then nucleus (top-p) filtering, and a draw from the explicit generator."""
-    if greedy or temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # Drop a token when the mass before it already reaches top_p (the top token always stays).
-        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
