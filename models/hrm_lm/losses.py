@@ -1,6 +1,8 @@
-"""Loss head for the HRM language model, with the trainer's loss-head API (see models/losses.py for the
-puzzle one): initial_carry(batch), forward(return_keys, carry, batch) ->
-(new_carry, loss, metrics, outputs, all_halted), plus the optional hooks on_train_step and reduce_metrics.
+"""Loss head for the language models (the hybrid HRM LM, and the plain arch=lm_transformer baseline, whose
+outputs are only `logits`: it gets the same token loss and metrics, without the hybrid's segment, halting,
+gate and MoE terms), with the trainer's loss-head API (see models/losses.py for the puzzle one):
+initial_carry(batch), forward(return_keys, carry, batch) -> (new_carry, loss, metrics, outputs, all_halted),
+plus the optional hooks on_train_step and reduce_metrics.
 
 All segments run inside one call (deep supervision), so the carry is trivial and all_halted is True.
 
@@ -86,8 +88,9 @@ class LMLossHead(nn.Module):
         return {}
 
     def on_train_step(self, step: int) -> None:
-        """Called by the trainer before each optimizer step: gate warmup / ramp."""
-        self.model.set_gate_schedule(step)
+        """Called by the trainer before each optimizer step: gate warmup / ramp (hybrid only)."""
+        if hasattr(self.model, "set_gate_schedule"):
+            self.model.set_gate_schedule(step)
 
     @staticmethod
     def reduce_metrics(sums: dict, mode: str, global_batch_size: int) -> dict:
@@ -147,7 +150,8 @@ class LMLossHead(nn.Module):
         lm_loss = final_rows.sum()
         loss = lm_loss
         metrics = {}
-        if self.training:
+        hybrid = "halt_probs" in out  # the HRM LM; a plain LM (lm_transformer) returns logits only
+        if self.training and hybrid:
             earlier = out["segment_logits"][:-1]
             if cfg.ds_weight > 0 and earlier:
                 ds_loss = torch.stack([self.token_loss(lg, labels, mask, divisor)[0].sum() for lg in earlier]).sum()
@@ -182,17 +186,20 @@ class LMLossHead(nn.Module):
                 "num_tokens": mask.sum().to(torch.float32),
                 "accuracy": (token_correct.sum(-1) / divisor * v).sum(),
                 "exact_accuracy": ((token_correct.sum(-1) == counts) & valid_row).sum().to(torch.float32),
-                "halt/sum_p": (out["halt_probs"].sum(-1) * v).sum() / n_rows,
-                "halt/steps": (out["steps"].to(torch.float32) * v).sum() / n_rows,
-                "gate/mean": out["gate/mean"].detach(),
-                "gate/min": out["gate/min"].detach(),
-                "gate/max": out["gate/max"].detach(),
-                "gate/saturation": out["gate/saturation"].detach(),
-                "gate/scale": self.model.gate_scale.detach().float(),
             })
-            if cfg.encoder_ffn == "moe":
-                metrics["moe/aux"] = out["moe_aux"].detach()
-                metrics["moe/drop_frac"] = out["moe_drop"].detach()
+            if hybrid:
+                metrics.update({
+                    "halt/sum_p": (out["halt_probs"].sum(-1) * v).sum() / n_rows,
+                    "halt/steps": (out["steps"].to(torch.float32) * v).sum() / n_rows,
+                    "gate/mean": out["gate/mean"].detach(),
+                    "gate/min": out["gate/min"].detach(),
+                    "gate/max": out["gate/max"].detach(),
+                    "gate/saturation": out["gate/saturation"].detach(),
+                    "gate/scale": self.model.gate_scale.detach().float(),
+                })
+                if cfg.encoder_ffn == "moe":
+                    metrics["moe/aux"] = out["moe_aux"].detach()
+                    metrics["moe/drop_frac"] = out["moe_drop"].detach()
 
         outputs = {k: out[k].detach() for k in return_keys if k in out and torch.is_tensor(out[k])}
         for k in return_keys:
