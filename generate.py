@@ -1,4 +1,5 @@
-"""Generate text from an HRM language model checkpoint, streaming tokens as they are produced.
+"""Generate text from a language model checkpoint (arch=hrm_lm_* or lm_transformer), streaming tokens as they
+are produced.
 
     python generate.py checkpoint=checkpoints/<project>/<run>/step_N prompt="ROMEO:" \
         max_new_tokens=200 temperature=0.8 top_k=50 top_p=0.95 seed=0 greedy=false
@@ -8,7 +9,7 @@ dataset (LMDATA): `tokenizer=PATH`, else one next to the checkpoint, else `<data
 from the checkpoint's config. A prompt longer than the model accepts (arch.max_prompt_len; 0 = the
 training seq_len, -1 = no limit) is truncated to its last tokens with a warning
 (`prompt_overflow=truncate`, default) or refused (`prompt_overflow=error`).
-The generated text goes to stdout as it comes; a summary line (tokens, seconds, HRM segments) to stderr.
+The generated text goes to stdout as it comes; a summary line (tokens, seconds, and HRM segments for the hybrid) to stderr.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ class GenerateConfig:
 
 
 HELP = {
-    "checkpoint": "step dir (or run dir: its newest step) of a run with arch=hrm_lm_*",
+    "checkpoint": "step dir (or run dir: its newest step) of a run with arch=hrm_lm_* or lm_transformer",
     "prompt": "text the encoder reads; the model writes its continuation",
     "prompt_file": "read the prompt from this UTF-8 file instead",
     "max_new_tokens": "stop after this many tokens (earlier at EOS)",
@@ -157,14 +158,15 @@ def prepare_prompt(ids: list[int], max_prompt_len: int, overflow: str) -> list[i
 
 def run(cfg: GenerateConfig, out=sys.stdout) -> dict:
     from dataset.lm_tokenizer import LMTokenizer
-    from models.hrm_lm.hrm_lm_v1 import HRMLanguageModel
+    from models.lm_generation import LMGeneration
     from utils.checkpoint import load_model_from_checkpoint
 
     device = torch.device(cfg.device)
     run_cfg, head = load_model_from_checkpoint(cfg.checkpoint, device=str(device))
     model = getattr(head, "model", head)
-    if not isinstance(model, HRMLanguageModel):
-        raise GenerateError(f"checkpoint '{cfg.checkpoint}' holds a {type(model).__name__}, not an HRM language model")
+    if not isinstance(model, LMGeneration):
+        raise GenerateError(f"checkpoint '{cfg.checkpoint}' holds a {type(model).__name__}, not a language model "
+                            "(arch=hrm_lm_* or lm_transformer)")
     model.eval()
     tok = LMTokenizer.from_file(find_tokenizer(cfg.tokenizer, Path(cfg.checkpoint), run_cfg))
     mc = model.config
@@ -211,7 +213,7 @@ def run(cfg: GenerateConfig, out=sys.stdout) -> dict:
         out.flush()
     seconds = time.perf_counter() - t0
     return {"samples": samples, "tokens": total, "seconds": seconds, "prompt_tokens": len(ids),
-            "hrm_segments": model.num_segment_calls, "windows": windows}
+            "hrm_segments": getattr(model, "num_segment_calls", None), "windows": windows}
 
 
 def generate_window(model, prompt: list[int], cfg: GenerateConfig, gen: torch.Generator, limit: int,
@@ -248,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         why = (" (stopped at the model's end-of-text; stop_at_eos=false continues in new windows)" if cfg.stop_at_eos
                else " (the model ended a window with end-of-text at once, so nothing more came)")
     print(f"generated {stats['tokens']} tokens from a {stats['prompt_tokens']}-token prompt in {stats['seconds']:.2f} s "
-          f"({rate:.1f} tok/s) in {stats['windows']} window(s), {stats['hrm_segments']} HRM segments{why}", file=sys.stderr)
+          f"({rate:.1f} tok/s) in {stats['windows']} window(s)"
+          + ("" if stats["hrm_segments"] is None else f", {stats['hrm_segments']} HRM segments") + why, file=sys.stderr)
     return 0
 
 
