@@ -8,12 +8,12 @@ import sys
 
 import pytest
 import torch
+from trainer_helpers import LM_TEXT, build_tiny_text_lm
 
 import generate
 from utils.schema import ConfigError
 
-TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
-        "First Citizen:\nYou are all resolved rather to die than to famish?\n\n") * 40
+TEXT = LM_TEXT
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -22,13 +22,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, repo_root):
     root = tmp_path_factory.mktemp("hrm_lm")
-    (root / "corpus.txt").write_text(TEXT)
-    data = root / "data"
+    data = build_tiny_text_lm(root)
     run = lambda *a: subprocess.run([sys.executable, *a], cwd=repo_root, capture_output=True, text=True,  # noqa: E731
                                     env={"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin"})
-    r = run("-m", "dataset.build_lm_dataset", "--source", str(root / "corpus.txt"), "--output-dir", str(data),
-            "--vocab-size", "300", "--max-seq-len", "32", "--val-ratio", "0.2", "--doc-chars", "300", "--seed", "0")
-    assert r.returncode == 0, r.stderr
     ck = root / "ck"
     r = run("pretrain.py", "arch=hrm_lm_mamba", f"data_path={data}", "logger=jsonl", "run_name=t", f"checkpoint_path={ck}",
             "global_batch_size=8", "epochs=1", "eval_interval=1", "eval_split=validation",

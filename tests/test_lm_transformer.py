@@ -3,11 +3,10 @@ it learns, the hybrid's loss head and trainer/evaluate/generate path, checkpoint
 import io
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
+from trainer_helpers import build_tiny_text_lm, run_cli
 
 from models.hrm_lm.losses import LMLossHead
 from models.lm_transformer.lm_transformer import LMTransformer
@@ -187,27 +186,18 @@ def test_sizing_matches_parameters_or_flops():
 
 # ---- end to end: the trainer, evaluate.py and generate.py on a tiny text dataset --------------------
 
-TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
-        "First Citizen:\nYou are all resolved rather to die than to famish?\n\n") * 40
-
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, repo_root):
+def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm_transformer")
-    (root / "corpus.txt").write_text(TEXT)
-    data = root / "data"
-    run = lambda *a: subprocess.run([sys.executable, *a], cwd=repo_root, capture_output=True, text=True,  # noqa: E731
-                                    env={"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin"})
-    r = run("-m", "dataset.build_lm_dataset", "--source", str(root / "corpus.txt"), "--output-dir", str(data),
-            "--vocab-size", "300", "--max-seq-len", "32", "--val-ratio", "0.2", "--doc-chars", "300", "--seed", "0")
-    assert r.returncode == 0, r.stderr
+    data = build_tiny_text_lm(root)
     ck = root / "ck"
-    r = run("pretrain.py", "arch=lm_transformer", f"data_path={data}", "logger=jsonl", "run_name=t",
+    r = run_cli(["pretrain.py", "arch=lm_transformer", f"data_path={data}", "logger=jsonl", "run_name=t",
             f"checkpoint_path={ck}", "global_batch_size=8", "epochs=1", "eval_interval=1", "eval_split=validation",
             "arch.hidden_size=32", "arch.num_heads=2", "arch.n_layers=2", "optimizer.name=adamw", "lr=1e-3",
-            "lr_warmup_steps=1", "save_best.metric=eval/ce", "save_best.mode=min")
+            "lr_warmup_steps=1", "save_best.metric=eval/ce", "save_best.mode=min"])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    return root, data, ck, run
+    return root, data, ck
 
 
 def test_pretrain_evaluate_generate(trained):
@@ -215,7 +205,7 @@ def test_pretrain_evaluate_generate(trained):
     from dataset.lm_tokenizer import LMTokenizer
     from utils.checkpoint import latest_checkpoint, load_model_from_checkpoint
 
-    _, data, ck, run = trained
+    _, data, ck = trained
     rows = [json.loads(line) for line in (ck / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in rows if "eval/ce" in r][-1]
     assert 0 < last["eval/ce"] < math.log(300) + 1 and abs(last["eval/ppl"] - math.exp(last["eval/ce"])) < 1e-6 * last["eval/ppl"]
@@ -223,7 +213,7 @@ def test_pretrain_evaluate_generate(trained):
     assert not any(k.startswith("train/gate/") for r in rows for k in r)
     # checkpoint round trip: evaluate.py on the saved weights reproduces the trainer's own eval/ce
     step = latest_checkpoint(ck)
-    r = run("evaluate.py", f"checkpoint={step}", "split=validation", f"output_dir={ck / 'ev'}")
+    r = run_cli(["evaluate.py", f"checkpoint={step}", "split=validation", f"output_dir={ck / 'ev'}"])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     ev = json.loads((ck / "ev" / "metrics.json").read_text())
     assert abs(ev["eval/ce"] - last["eval/ce"]) < 1e-5, (ev, last)

@@ -63,3 +63,17 @@ def run_cli(args: list[str], env: dict | None = None, timeout: int = 300, cwd: P
 def load_step_weights(step_dir: Path, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
     return load_file(str(step_dir / name))
+
+
+LM_TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+           "First Citizen:\nYou are all resolved rather to die than to famish?\n\n") * 40
+
+
+def build_tiny_text_lm(root: Path) -> Path:
+    """The LM tests' tiny text dataset in root/data: LM_TEXT, a 300-token BPE, 32-token windows, 20 % validation."""
+    (root / "corpus.txt").write_text(LM_TEXT)
+    data = root / "data"
+    r = run_cli(["-m", "dataset.build_lm_dataset", "--source", str(root / "corpus.txt"), "--output-dir", str(data),
+                 "--vocab-size", "300", "--max-seq-len", "32", "--val-ratio", "0.2", "--doc-chars", "300", "--seed", "0"])
+    assert r.returncode == 0, r.stderr
+    return data
