@@ -34,6 +34,7 @@ CHEAP_EXPERIMENTS = {"sudoku_cpu_demo"}  # the CPU demo; every other recipe is a
 TINY_RUN = {"max_steps": "2", "global_batch_size": "16", "eval_batch_size": "32", "max_eval_batches": "2",
             "loader_workers": "0", "data_path": "data/sudoku-6x6-demo"}
 TIMEOUT_S = 300
+LM_ARCHS = ("hrm_lm", "lm_transformer")  # arch choices (prefixes) that train on LM datasets
 
 
 @dataclass
@@ -154,7 +155,7 @@ def _tiny_pretrain_args(args: list[str]) -> list[str]:
     experiment = next((a.split("=", 1)[1] for a in args if a.startswith("experiment=")), None)
     if experiment and "data_path" not in given:
         extra = [e for e in extra if not e.startswith("data_path=")]  # the recipe names its own data
-    if not arch.startswith("hrm_lm"):
+    if not arch.startswith(LM_ARCHS):
         extra += [a for a in TINY_ARCH if a.split("=", 1)[0] not in given]
     return args + extra
 
@@ -259,7 +260,7 @@ class Checker:
             experiment = next((a.split("=", 1)[1] for a in args if a.startswith("experiment=")), None)
             if "--help" in args or "-h" in args:
                 return run(shlex.join([python, script, *args]))
-            lm = any(a.startswith("arch=hrm_lm") for a in args)
+            lm = any(a.startswith(tuple(f"arch={name}" for name in LM_ARCHS)) for a in args)
             real = not (multi_gpu or "--cfg" in args or (experiment and experiment not in CHEAP_EXPERIMENTS)) and (
                 self.full or (lm and self.first("lm-pretrain")))
             if not real:  # Hydra composes (every job of a sweep) and our validation checks it
