@@ -40,6 +40,10 @@ SHAPES = {
     "tiny": dict(batch_size=32, seq_len=81, vocab_size=11, num_puzzle_identifiers=1, puzzle_emb_ndim=128,
                  H_cycles=2, L_cycles=2, H_layers=2, L_layers=2, hidden_size=128, num_heads=2, expansion=4,
                  halt_max_steps=4, halt_exploration_prob=0.1),
+    # the CPU demo (config/experiment/sudoku_cpu_demo.yaml on the 6x6 demo data: vocab 8, 36 cells)
+    "demo": dict(batch_size=64, seq_len=36, vocab_size=8, num_puzzle_identifiers=1, puzzle_emb_ndim=64,
+                 H_cycles=2, L_cycles=2, H_layers=1, L_layers=1, hidden_size=64, num_heads=2, expansion=4,
+                 halt_max_steps=3, halt_exploration_prob=0.1),
     # the released Sudoku-Extreme model (27.3M parameters); batch 32 so one step fits a CPU budget
     "sudoku": dict(batch_size=32, seq_len=81, vocab_size=11, num_puzzle_identifiers=1, puzzle_emb_ndim=512,
                    H_cycles=2, L_cycles=2, H_layers=4, L_layers=4, hidden_size=512, num_heads=8, expansion=4,

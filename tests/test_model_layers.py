@@ -65,6 +65,25 @@ def test_rms_norm_without_gain():
     assert yb.dtype == torch.bfloat16
 
 
+def _original_rms_norm(x, eps):
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_pass_rms_norm_is_bit_identical_to_the_originals(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = (3 * torch.randn(4, 37, 64, generator=g)).to(dtype)
+    assert torch.equal(rms_norm(x, 1e-5), _original_rms_norm(x, 1e-5))
+    # mlp_t's norm runs over a transposed (non-contiguous) view
+    assert torch.equal(rms_norm(x.transpose(1, 2), 1e-5), _original_rms_norm(x.transpose(1, 2), 1e-5))
+    x = x.float().requires_grad_()
+    up = torch.randn(4, 37, 64, generator=g)
+    (ours,) = torch.autograd.grad((rms_norm(x, 1e-5) * up).sum(), x)
+    (orig,) = torch.autograd.grad((_original_rms_norm(x, 1e-5) * up).sum(), x)
+    torch.testing.assert_close(ours, orig, rtol=1e-5, atol=1e-6)
+
+
 def test_rope_tables_and_relative_positions():
     rope = RotaryEmbedding(dim=8, max_position_embeddings=10, base=10000.0)
     cos, sin = rope()

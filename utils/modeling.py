@@ -17,8 +17,40 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+# glibc malloc hands a freed block above its mmap threshold (dynamic, from 128 KiB) straight back to the
+# kernel and trims the top of its heap above the trim threshold, so a training step, which frees and
+# re-allocates the same activation sizes every step, gets fresh pages each time that the kernel faults in
+# and zeroes: ~12,000 minor page faults (~50 MB) per step of the CPU demo, ~1/6 of its step time at one
+# thread (docs/benchmarks.md). Blocks up to 32 MiB (glibc's largest allowed threshold) from the heap, and
+# freed memory kept up to 1 GiB, make the steady state fault-free. The process keeps at most the peak it
+# once used; a process-wide allocator setting, so it is applied here, once, not in model code.
+_MALLOC_MMAP_THRESHOLD, _MALLOC_TRIM_THRESHOLD = 32 * 2 ** 20, 2 ** 30
+_malloc_tuned: Optional[bool] = None
+
+
+def retain_freed_host_memory() -> bool:
+    """Keep freed host memory in the process (glibc's mallopt); True if applied. Other C libraries
+    (macOS, musl) keep their own behaviour and this returns False. Idempotent."""
+    global _malloc_tuned
+    if _malloc_tuned is None:
+        import ctypes
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
+        try:
+            mallopt = ctypes.CDLL(None).mallopt
+        except (OSError, AttributeError):
+            _malloc_tuned = False
+        else:
+            mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+            _malloc_tuned = bool(mallopt(M_MMAP_THRESHOLD, _MALLOC_MMAP_THRESHOLD)) and \
+                bool(mallopt(M_TRIM_THRESHOLD, _MALLOC_TRIM_THRESHOLD))
+    return _malloc_tuned
+
+
 def build_head(arch: dict, injected: dict, seed: int = 0) -> torch.nn.Module:
-    """Model + loss head on CPU, initialised from a generator seeded with `seed` (same on every rank)."""
+    """Model + loss head on CPU, initialised from a generator seeded with `seed` (same on every rank).
+    Every entry point builds its model here (training, evaluate.py, solve.py, generate.py), so the host
+    allocator is set up here too (retain_freed_host_memory)."""
+    retain_freed_host_memory()
     model_cls, loss_cls = validate_arch(arch)
     config = model_config_dict(arch, injected)
     init_gen = torch.Generator().manual_seed(derive_seed(seed, 0x1417))
