@@ -130,8 +130,13 @@ def compile_blocks(module: torch.nn.Module) -> int:
     on disk (inductor's FX-graph and AOT-autograd caches, under torch's cache dir, by default
     /tmp/torchinductor_$USER), so a second run with the same shapes skips most of the compile."""
     from models.layers import PostNormBlock
+    import torch.fx.experimental._config as fx_config
     torch._inductor.config.fx_graph_cache = True
     torch._functorch.config.enable_autograd_cache = True
+    # Without this, dynamo gives input dims of equal size one symbol ("duck shaping"): the CPU demo's batch
+    # 64 equals its hidden size 64 (a static weight dim), which pinned the batch to 64 and made eval's
+    # batch recompile (seen with TORCH_LOGS=recompiles; tests/test_compile.py has batch == hidden).
+    fx_config.use_duck_shape = False
     n = 0
     for m in module.modules():
         if isinstance(m, PostNormBlock):
