@@ -8,20 +8,27 @@ blocks compiled (utils/modeling.py `compile_blocks`, the `compile=true` path of 
 
 The runners take turns step by step (ref, ours, ref, ours, ...), so a load change on this shared machine
 hits both alike; each pair gives a ratio ref_time / our_time and the table reports the median of those.
+The reference runs in a child process of its own (driven step by step over a pipe) with the C library's
+default allocator, as the original code runs; ours runs in this process with what every entry point of
+this project applies (utils/modeling.py `retain_freed_host_memory`). `--same-process-reference` runs the
+reference here too, so that it shares that setting: the ratio of the model code alone.
 The non-matmul share is 1 - (self time of the matmul ops) / (wall time of the step), from torch.profiler
 over `--profile-steps` steps of each runner: everything that is not a matrix product counts as overhead,
 including Python and the optimizers.
 
     python -m bench.bench_step                         # HRM and TRM, tiny shape, fp32, 1 thread, eager
     python -m bench.bench_step --compile --pairs 9
+    python -m bench.bench_step --archs hrm --shape demo --compile --same-process-reference
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
@@ -88,6 +95,45 @@ class Runner:
         return 1.0 - mm_us / 1e6 / wall, top
 
 
+class ChildRunner:
+    """The reference Runner in a child process (`--worker`): same interface, one pipe round trip per call
+    (the time is measured in the child, around the step only)."""
+
+    def __init__(self, name: str, arch: str, shape: str, dtype: str, threads: int):
+        self.name, self.times = name, []
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.bench_step", "--worker", arch, shape, dtype,
+                                      str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def _ask(self, line: str):
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        if not answer:
+            raise RuntimeError(f"reference worker exited with {self.proc.wait()}")
+        return json.loads(answer)
+
+    def step(self) -> float:
+        return self._ask("step")
+
+    def non_matmul_share(self, steps: int) -> tuple[float, str]:
+        return tuple(self._ask(f"profile {steps}"))
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def worker(arch: str, shape: str, dtype: str, threads: int) -> int:
+    """The child side of ChildRunner: the reference step on commands from stdin, answers as JSON lines."""
+    torch.set_num_threads(threads)
+    runner = Runner("original-like", *build(arch, shape, dtype, reference=True, compiled=False), reference=True)
+    for line in sys.stdin:
+        cmd = line.split()
+        answer = runner.step() if cmd[0] == "step" else runner.non_matmul_share(int(cmd[1]))
+        print(json.dumps(answer), flush=True)
+    return 0
+
+
 def load() -> str:
     return "load %.1f/%.1f/%.1f" % os.getloadavg()
 
@@ -103,19 +149,26 @@ def main(argv=None) -> int:
     ap.add_argument("--profile-steps", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="also time ours with compile=true (compiled blocks)")
     ap.add_argument("--no-eager", action="store_true", help="with --compile: skip the eager row of ours")
+    ap.add_argument("--same-process-reference", action="store_true",
+                    help="run the reference in this process (sharing our allocator setting), not in its own")
+    ap.add_argument("--worker", nargs=4, metavar=("ARCH", "SHAPE", "DTYPE", "THREADS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.worker:
+        arch, shape, dtype, threads = args.worker
+        return worker(arch, shape, dtype, int(threads))
     torch.set_num_threads(args.threads)
-    # As every entry point does (utils/modeling.py build_head). One process: the reference gets it too, so
-    # the ratios below do not count it in our favour (the original does not set it).
-    retain_freed_host_memory()
+    retain_freed_host_memory()  # as every entry point of ours does (utils/modeling.py build_head)
 
     print(f"{time.strftime('%Y-%m-%d %H:%M')} {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{args.threads} thread(s), {args.shape}, {args.dtype}; {load()} at start", file=sys.stderr)
     rows = []
     for arch in args.archs:
         variants = ([] if args.no_eager and args.compile else [False]) + ([True] if args.compile else [])
-        ref = Runner("original-like", *build(arch, args.shape, args.dtype, reference=True, compiled=False),
-                     reference=True)
+        if args.same_process_reference:
+            ref = Runner("original-like", *build(arch, args.shape, args.dtype, reference=True, compiled=False),
+                         reference=True)
+        else:
+            ref = ChildRunner("original-like (own process)", arch, args.shape, args.dtype, args.threads)
         ours = [Runner("ours compiled" if c else "ours eager",
                        *build(arch, args.shape, args.dtype, reference=False, compiled=c), reference=False)
                 for c in variants]
@@ -140,10 +193,13 @@ def main(argv=None) -> int:
                          statistics.median(rat) if rat else 1.0))
             print(f"{arch} {r.name}: {statistics.median(r.times) * 1e3:.0f} ms/step, non-matmul {100 * share:.0f}%",
                   file=sys.stderr, flush=True)
+        if isinstance(ref, ChildRunner):
+            ref.close()
         print(f"{arch}: warm-up {warm_s:.1f} s ({args.warmup} steps of each runner); {load()}", file=sys.stderr)
 
     print(f"\n{args.shape} shape, {args.dtype}, {args.threads} thread(s), torch {torch.__version__}; "
-          f"{args.pairs} alternating pairs; {load()} at the end\n")
+          f"{args.pairs} alternating pairs; reference {'in this process' if args.same_process_reference else 'in its own process'}"
+          f"; {load()} at the end\n")
     print("| arch | step | median ms/step | non-matmul share | top non-matmul ops | ref/ours per pair | median ratio |")
     print("|---|---|---|---|---|---|---|")
     for arch, name, med, share, top, per_pair, ratio in rows:
