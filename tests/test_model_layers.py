@@ -111,6 +111,16 @@ def test_joint_rotary_is_bit_identical_to_original_formula(dtype):
     q_ref, k_ref = apply_rotary_pos_emb(q, k, cos, sin)
     qk = apply_rotary(torch.cat((q, k), dim=2), cos, sin)
     assert torch.equal(qk[:, :, :4], q_ref) and torch.equal(qk[:, :, 4:], k_ref)
+    # the hand-written backward: the original formula's autograd gradient, bit for bit, also through a
+    # strided view (the attention rotates q and k inside its qkv output) and for rows of arbitrary positions
+    qkv = torch.randn(3, 12, 10, 16, generator=g).to(dtype).requires_grad_()
+    up = torch.randn(3, 12, 8, 16, generator=g).to(dtype)
+    cos_p, sin_p = RotaryEmbedding(16, 12, 10000.0)(torch.tensor([5, 1, 9, 0, 2, 3, 4, 6, 7, 8, 10, 11]))
+    for c, s_ in ((cos, sin), (cos_p, sin_p)):
+        (ours,) = torch.autograd.grad((apply_rotary(qkv[:, :, :8], c, s_) * up).sum(), qkv)
+        ref = torch.cat(apply_rotary_pos_emb(qkv[:, :, :4], qkv[:, :, 4:8], c, s_), dim=2)
+        (orig,) = torch.autograd.grad((ref * up).sum(), qkv)
+        assert torch.equal(ours, orig)
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "math"])
