@@ -20,6 +20,9 @@ No leak: the encoder and the HRM core see only encoder_ids; decoder position t s
 which are BOS + targets < t. gate_scale is a buffer the loss head sets from the optimizer step
 (hrm_gate_warmup_steps hold it at exactly 0, then an optional linear ramp), so during warmup the memory's
 HRM half is the learned null vector and the decoder output does not depend on the HRM core at all.
+gate_mode=off is that state for good: the gate is 0, the core never runs (the ablation "core removed",
+same encoder, memory layout and decoder). A training-only gate floor (gate_floor, decaying to 0 over
+gate_floor_steps once the gate opens) can force the decoder to read the HRM memory early on.
 
 Training runs every segment (deep supervision: the loss head puts a decoder loss on each segment's
 memory). Eval / generation halt per sequence once its halting criterion is met (p_s >= halt_threshold,
@@ -29,6 +32,7 @@ loop stops when every row has halted.
 from __future__ import annotations
 
 import logging
+import dataclasses
 import math
 from dataclasses import dataclass
 import torch
@@ -244,19 +248,31 @@ class HRMLanguageModelConfig:
     halt_tolerance: float = 0.01
 
     # Gated bridge
-    gate_mode: str = "token"  # token: one gate per prompt token | channel: one per token and channel
+    # token: one gate per prompt token | channel: one per token and channel | off: gate held at 0 and the
+    # core not run (the "core removed" ablation: same encoder, memory layout and decoder)
+    gate_mode: str = "token"
     gate_init_bias: float = 0.0
     hrm_gate_warmup_steps: int = 0  # optimizer steps with the gate held at exactly 0
     hrm_gate_ramp_steps: int = 0  # then a linear ramp of gate_scale from 0 to 1 over this many steps
+    # Training-only minimum gate g = floor + (1 - floor) sigmoid(.), from the end of the warmup; the floor
+    # decays linearly to 0 over gate_floor_steps (0 = held for the whole run). Eval uses the learned gate.
+    gate_floor: float = 0.0
+    gate_floor_steps: int = 0
 
     # Decoder
     decoder_layers: int = 2
 
     # Training objectives (read by the loss head)
     ds_weight: float = 0.1  # weight of each earlier segment's decoder loss; the final segment has weight 1
+    # Per-segment deep-supervision weights [w_1 .. w_S] (S = halt_max_steps; w_S weighs the final segment);
+    # empty = [ds_weight] * (S - 1) + [1].
+    ds_segment_weights: list = dataclasses.field(default_factory=list)
     halting_weight: float = 0.01
     halting_target: float = 1.0  # sum_target objective: target of sum_s p_s
     seed: int = 0  # seeds the MoE dropout generator
+
+
+GATE_MODES = ("token", "channel", "off")
 
 
 def validate_config(c: HRMLanguageModelConfig) -> None:
@@ -285,8 +301,22 @@ def validate_config(c: HRMLanguageModelConfig) -> None:
         allowed = ", ".join(b for b in ATTN_BACKENDS if b != "flash")
         bad("attn_backend", f"must be one of {allowed} (flash-attn takes no padding mask; 'auto' uses it where "
             f"no mask is needed), got {c.attn_backend!r}")
-    if c.gate_mode not in ("token", "channel"):
-        bad("gate_mode", f"must be 'token' or 'channel', got {c.gate_mode!r}")
+    if c.gate_mode not in GATE_MODES:
+        bad("gate_mode", f"must be one of {', '.join(GATE_MODES)}, got {c.gate_mode!r}")
+    if not 0.0 <= c.gate_floor < 1.0:
+        bad("gate_floor", f"must be in [0, 1), got {c.gate_floor}")
+    for key in ("gate_floor_steps", "hrm_gate_warmup_steps", "hrm_gate_ramp_steps"):
+        if getattr(c, key) < 0:
+            bad(key, f"must be >= 0, got {getattr(c, key)}")
+    if c.ds_weight < 0:
+        bad("ds_weight", f"must be >= 0, got {c.ds_weight}")
+    w = c.ds_segment_weights
+    if w and (len(w) != c.halt_max_steps or not all(isinstance(x, (int, float)) and x >= 0 for x in w) or w[-1] <= 0):
+        bad("ds_segment_weights", f"must be empty or {c.halt_max_steps} numbers >= 0 (one per segment, "
+            f"halt_max_steps={c.halt_max_steps}) with the final one > 0, got {list(w)}")
+    for key in ("halting_weight", "halt_tolerance"):
+        if getattr(c, key) < 0:
+            bad(key, f"must be >= 0, got {getattr(c, key)}")
     for key in ("H_cycles", "L_cycles", "halt_max_steps", "H_layers", "L_layers", "decoder_layers"):
         if getattr(c, key) < 1:
             bad(key, f"must be >= 1, got {getattr(c, key)}")
@@ -332,11 +362,16 @@ class HRMLanguageModel(LMGeneration, nn.Module):
             self.halt_head = CastedLinear(D, 1, bias=True)
 
             # Gated bridge
-            self.gate_proj = CastedLinear(D, 1 if cfg.gate_mode == "token" else D, bias=True)
+            # gate_mode=off keeps the token gate's (unused) shape, so that every other weight draws the same
+            # init from the seed as in the gated model: the ablation arms start from identical encoder/decoder.
+            self.gate_proj = CastedLinear(D, D if cfg.gate_mode == "channel" else 1, bias=True)
             self.hrm_out = CastedLinear(D, D, bias=False)
             self.hrm_null = nn.Parameter(torch.empty(D))  # what a closed gate passes on
             self.memory_null = nn.Parameter(torch.empty(D))  # always-valid memory slot
-            self.register_buffer("gate_scale", torch.tensor(0.0 if cfg.hrm_gate_warmup_steps > 0 else 1.0))
+            opened = cfg.hrm_gate_warmup_steps == 0 and cfg.gate_mode != "off"
+            self.register_buffer("gate_scale", torch.tensor(1.0 if opened else 0.0))
+            # A schedule value like gate_scale, but training-only, so not part of a checkpoint.
+            self.register_buffer("gate_floor_now", torch.tensor(self.gate_floor_at(0)), persistent=False)
 
             # Decoder
             self.decoder_layers = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.decoder_layers))
@@ -402,14 +437,35 @@ class HRMLanguageModel(LMGeneration, nn.Module):
     # ---- schedule hooks -------------------------------------------------------------------------
     def gate_scale_at(self, step: int) -> float:
         c = self.config
-        if step < c.hrm_gate_warmup_steps:
+        if c.gate_mode == "off" or step < c.hrm_gate_warmup_steps:
             return 0.0
         if c.hrm_gate_ramp_steps <= 0:
             return 1.0
         return min(1.0, (step - c.hrm_gate_warmup_steps + 1) / c.hrm_gate_ramp_steps)
 
+    def gate_floor_at(self, step: int) -> float:
+        """Training-only minimum of the (pre-scale) gate: gate_floor from the end of the warmup, then a linear
+        decay to 0 over gate_floor_steps (0 = held)."""
+        c = self.config
+        if c.gate_floor_steps <= 0:
+            return c.gate_floor
+        opened = max(step - c.hrm_gate_warmup_steps, 0)
+        return c.gate_floor * max(0.0, 1.0 - opened / c.gate_floor_steps)
+
     def set_gate_schedule(self, step: int) -> None:
         self.gate_scale.fill_(self.gate_scale_at(step))
+        self.gate_floor_now.fill_(self.gate_floor_at(step))
+
+    def segment_loss_weights(self) -> list[float]:
+        """Deep-supervision weight of each segment's decoder loss, the final segment's last."""
+        c = self.config
+        if c.ds_segment_weights:
+            return [float(w) for w in c.ds_segment_weights]
+        return [c.ds_weight] * (c.halt_max_steps - 1) + [1.0]
+
+    @property
+    def core_enabled(self) -> bool:
+        return self.config.gate_mode != "off"
 
     # ---- pieces ---------------------------------------------------------------------------------
     def _generator(self, device) -> torch.Generator | None:
@@ -457,10 +513,19 @@ class HRMLanguageModel(LMGeneration, nn.Module):
         return torch.sigmoid(self.halt_head(pooled).float().squeeze(-1))  # [B]
 
     def bridge(self, enc_states, z_H, key_mask):
-        """-> memory [B, 1+2Lp, D], memory mask [B, 1+2Lp], effective gate [B, Lp, 1|D]."""
-        gate = self.gate_scale.to(z_H.dtype) * torch.sigmoid(self.gate_proj(z_H))
-        # g * (m_null + W_m z_H) + (1 - g) * m_null, written in its cheaper, equal form.
-        hrm_mem = self.hrm_null.to(z_H.dtype) + gate * self.hrm_out(z_H)
+        """-> memory [B, 1+2Lp, D], memory mask [B, 1+2Lp], effective gate [B, Lp, 1|D].
+        z_H None (gate_mode=off): the HRM half is the null memory, exactly what a gate of 0 passes on."""
+        if z_H is None:
+            hrm_mem = self.hrm_null.to(enc_states.dtype).expand_as(enc_states)
+            gate = enc_states.new_zeros(enc_states.shape[:2] + (1,))
+        else:
+            gate = torch.sigmoid(self.gate_proj(z_H))
+            if self.training:  # 0 + (1 - 0) * g == g exactly, so a zero floor changes nothing
+                floor = self.gate_floor_now.to(gate.dtype)
+                gate = floor + (1 - floor) * gate
+            gate = self.gate_scale.to(z_H.dtype) * gate
+            # g * (m_null + W_m z_H) + (1 - g) * m_null, written in its cheaper, equal form.
+            hrm_mem = self.hrm_null.to(z_H.dtype) + gate * self.hrm_out(z_H)
         B = enc_states.shape[0]
         null = self.memory_null.to(enc_states.dtype).expand(B, 1, -1)
         memory = torch.cat([null, enc_states, hrm_mem], dim=1)
@@ -512,18 +577,28 @@ class HRMLanguageModel(LMGeneration, nn.Module):
     def _forward_train(self, encoder_ids, encoder_mask, decoder_input_ids) -> dict:
         c = self.config
         enc, key_mask, aux, drop = self.encode(encoder_ids, encoder_mask)
+        if not self.core_enabled:
+            memory, mem_mask, gate = self.bridge(enc, None, key_mask)
+            logits = self.decode(decoder_input_ids, self.memory_kv(memory), mem_mask)
+            B = enc.shape[0]
+            return dict(logits=logits, segment_logits=[logits], halt_probs=enc.new_zeros(B, 0, dtype=torch.float32),
+                        steps=torch.zeros(B, dtype=torch.long, device=enc.device), moe_aux=aux, moe_drop=drop,
+                        encoder_states=enc, **self.gate_stats(gate, key_mask))
         x = self.hrm_in(enc)
         rope = self.rotary(torch.arange(enc.shape[1], device=enc.device))
         z_H, z_L = self.initial_state(enc)
+        weights = self.segment_loss_weights()
         segment_logits, halt_probs = [], []
         for s in range(c.halt_max_steps):
             z_H, z_L = self.reason_segment(z_H.detach(), z_L.detach(), x, key_mask, rope)
             halt_probs.append(self.halt_prob(z_H, key_mask))
             last = s == c.halt_max_steps - 1
-            if last or c.ds_weight > 0 or c.halt_objective == "improvement":
+            if last or weights[s] > 0 or c.halt_objective == "improvement":
                 # Deep-supervision passes go through the same gate as the final one.
                 memory, mem_mask, gate = self.bridge(enc, z_H, key_mask)
                 segment_logits.append(self.decode(decoder_input_ids, self.memory_kv(memory), mem_mask))
+            else:
+                segment_logits.append(None)  # weight 0 and no halting target needs it: not decoded
         steps = torch.full((enc.shape[0],), c.halt_max_steps, device=enc.device)
         return dict(logits=segment_logits[-1], segment_logits=segment_logits, halt_probs=torch.stack(halt_probs, 1),
                     steps=steps, moe_aux=aux, moe_drop=drop, encoder_states=enc, **self.gate_stats(gate, key_mask))
@@ -534,9 +609,12 @@ class HRMLanguageModel(LMGeneration, nn.Module):
         probability (halt_objective=improvement) or running sum of halting probabilities (sum_target)
         reaches halt_threshold, or at halt_max_steps. Only still-running rows are
         computed, and the loop ends when none is left (one host sync per segment, inference only).
-        -> final z_H [B,Lp,D], halt_probs [B, halt_max_steps] (0 after halting), steps [B]."""
+        -> final z_H [B,Lp,D], halt_probs [B, halt_max_steps] (0 after halting), steps [B].
+        gate_mode=off: (None, [B, 0], zeros): no segment runs."""
         c = self.config
         B = enc.shape[0]
+        if not self.core_enabled:
+            return None, enc.new_zeros(B, 0, dtype=torch.float32), torch.zeros(B, dtype=torch.long, device=enc.device)
         x = self.hrm_in(enc)
         rope = self.rotary(torch.arange(enc.shape[1], device=enc.device))
         z_H, z_L = self.initial_state(enc)
@@ -568,8 +646,9 @@ class HRMLanguageModel(LMGeneration, nn.Module):
         enc, key_mask, _, _ = self.encode(encoder_ids, encoder_mask)
         z_H, halt_probs, steps = self.reason_adaptive(enc, key_mask)
         memory, mem_mask, gate = self.bridge(enc, z_H, key_mask)
+        stats = self.gate_stats(gate, key_mask)
         return dict(memory_kv=self.memory_kv(memory), memory_mask=mem_mask, caches=[{} for _ in self.decoder_layers],
-                    pos=0, steps=steps, gate_mean=self.gate_stats(gate, key_mask)["gate/mean"])
+                    pos=0, steps=steps, halt_probs=halt_probs, gate_stats=stats, gate_mean=stats["gate/mean"])
 
     @torch.no_grad()
     def decode_step(self, tokens: torch.Tensor, state: dict) -> torch.Tensor:
@@ -605,7 +684,10 @@ class HRMLanguageModel(LMGeneration, nn.Module):
         else:
             nograd = (c.H_cycles - 1) * (c.L_cycles + 1) * per_L
             grad = (c.L_cycles + 1) * per_L
-        dec_passes = c.halt_max_steps if c.ds_weight > 0 else 1
+        if not self.core_enabled:
+            return float((6 * enc + 6 * dec) * L * batch_size)
+        weights = self.segment_loss_weights()
+        dec_passes = c.halt_max_steps if c.halt_objective == "improvement" else sum(1 for w in weights[:-1] if w > 0) + 1
         per_token = 6 * enc + dec_passes * 6 * dec + c.halt_max_steps * (2 * nograd + 6 * grad)
         return float(per_token * L * batch_size)
 

@@ -7,7 +7,8 @@ plus the optional hooks on_train_step and reduce_metrics.
 All segments run inside one call (deep supervision), so the carry is trivial and all_halted is True.
 
 loss (training) = sum over rows of
-      token_loss(final segment) + ds_weight * sum_{earlier segments} token_loss(segment)
+      w_S * token_loss(final segment) + sum_{s < S} w_s * token_loss(segment s)
+          (w = arch.ds_segment_weights, default [ds_weight] * (S - 1) + [1]; gate_mode=off: one pass, w = 1)
     + halting_weight * mean_gate * halt_loss
     + moe_aux_loss_weight * moe_aux            (a batch quantity, counted once per row)
 where token_loss is the row's mean over its valid tokens (cross_entropy), or, for a pytorch_optimizer loss,
@@ -17,6 +18,7 @@ that loss on the batch's flattened valid tokens, and halt_loss is, per row,
     halt_objective=sum_target:  (sum_s p_s - halting_target)^2   (the seed's regularizer)
 mean_gate is detached: the halting loss should not close the gate; it also silences halting while the
 gate is closed, when every segment decodes identically and the targets carry no information. The trainer multiplies by 1/global_batch_size, giving the batch mean.
+gate_mode=off runs no core: no halting loss, and the halt/ metrics are 0.
 
 Metrics are sums over rows (count, lm_loss, accuracy, ...) or over tokens (ce_sum, num_tokens), so they
 add up across batches and ranks; reduce_metrics turns them into means, ce and ppl. Keys with a "/"
@@ -103,6 +105,8 @@ class LMLossHead(nn.Module):
                 out[key] = value  # gate/, halt/, moe/: batch means already (the trainer averages them)
             elif key in ("ce_sum", "num_tokens"):
                 continue
+            elif key == "target_nats":
+                out[key] = value  # a total over the split (utils/lm_eval.py turns it into bits per character)
             elif mode == "train" and key.endswith("loss"):
                 out[key] = value / global_batch_size
             else:
@@ -151,12 +155,14 @@ class LMLossHead(nn.Module):
         loss = lm_loss
         metrics = {}
         hybrid = "halt_probs" in out  # the HRM LM; a plain LM (lm_transformer) returns logits only
-        if self.training and hybrid:
-            earlier = out["segment_logits"][:-1]
-            if cfg.ds_weight > 0 and earlier:
-                ds_loss = torch.stack([self.token_loss(lg, labels, mask, divisor)[0].sum() for lg in earlier]).sum()
-                loss = loss + cfg.ds_weight * ds_loss
-                metrics["ds_loss"] = ds_loss.detach()
+        if self.training and hybrid and self.model.core_enabled:
+            weights = self.model.segment_loss_weights()
+            loss = weights[-1] * lm_loss
+            earlier = [(w, lg) for w, lg in zip(weights[:-1], out["segment_logits"][:-1]) if w > 0]
+            if earlier:
+                ds_loss = sum(w * self.token_loss(lg, labels, mask, divisor)[0].sum() for w, lg in earlier)
+                loss = loss + ds_loss
+                metrics["ds_loss"] = ds_loss.detach()  # weighted, as it enters the loss
             if cfg.halt_objective == "sum_target":
                 halt_sum = out["halt_probs"].sum(-1)  # [B]
                 halt_loss = ((halt_sum - cfg.halting_target).square() * valid_row).sum()
@@ -172,8 +178,8 @@ class LMLossHead(nn.Module):
                     metrics["halt/target_frac"] = (halt_target.mean(-1) * valid_row).sum() / valid_row.sum().clamp_min(1)
             loss = loss + cfg.halting_weight * out["gate/mean"].detach() * halt_loss
             metrics["halt_loss"] = halt_loss.detach()
-            if cfg.encoder_ffn == "moe":
-                loss = loss + cfg.moe_aux_loss_weight * out["moe_aux"] * labels.shape[0]
+        if self.training and hybrid and cfg.encoder_ffn == "moe":
+            loss = loss + cfg.moe_aux_loss_weight * out["moe_aux"] * labels.shape[0]
 
         with torch.no_grad():
             token_correct = (out["logits"].argmax(-1) == labels) & mask
@@ -186,6 +192,8 @@ class LMLossHead(nn.Module):
                 "num_tokens": mask.sum().to(torch.float32),
                 "accuracy": (token_correct.sum(-1) / divisor * v).sum(),
                 "exact_accuracy": ((token_correct.sum(-1) == counts) & valid_row).sum().to(torch.float32),
+                # nats of the target text, EOS excluded (it is no character): bits per character's numerator
+                **({} if self.training else {"target_nats": (ce.detach() * (mask & (labels != cfg.eos_id))).sum()}),
             })
             if hybrid:
                 metrics.update({
