@@ -17,6 +17,9 @@ with `ema.safetensors` (a run with ema=true) is evaluated with its EMA weights, 
   accuracy_by_segment.png  exact accuracy after each segment (with segments)
   submission.json  ARC-Prize format (ARC datasets only)
 and prints one table: metric, value, 95 % interval, segments used, samples, dataset, checkpoint.
+LM datasets (utils/lm_eval.py): decoder CE/ppl, eval/bits_per_char, and for prompt -> answer data
+eval/answer_exact (+ per group, gate and halting diagnostics) from greedy KV-cache decoding
+(`answers=auto|true|false`, `answer_max_examples=N`).
 The inference keys (eval_halting, eval_max_segments, eval_samples, eval_noise_std, eval_select; see
 config/cfg_pretrain.yaml) default to the checkpoint's config; `seed` seeds the sampling noise."""
 from __future__ import annotations
@@ -44,8 +47,8 @@ from utils.schema import ConfigError, apply_key_values
 SAVE_KEYS = ["inputs", "labels", "puzzle_identifiers", "preds", "q_halt_logits"]
 OPTIONS = ("checkpoint", "data_path", "output_dir", "eval_batch_size", "max_eval_batches", "device", "split", "arc",
            "ema", "eval_halting", "eval_max_segments", "eval_samples", "eval_noise_std", "eval_select", "seed",
-           "save_segments")
-INT_OPTIONS = ("eval_batch_size", "max_eval_batches", "eval_max_segments", "eval_samples", "seed")
+           "save_segments", "answers", "answer_max_examples")
+INT_OPTIONS = ("eval_batch_size", "max_eval_batches", "eval_max_segments", "eval_samples", "seed", "answer_max_examples")
 INFERENCE_OPTIONS = ("eval_halting", "eval_max_segments", "eval_samples", "eval_noise_std", "eval_select")
 # save_segments=auto keeps per-segment answers when they take at most this much memory (uint8 tokens).
 AUTO_SEGMENT_BYTES = 512 * 2**20
@@ -69,6 +72,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for key in INFERENCE_OPTIONS + ("seed",):
         parser.add_argument("--" + key.replace("_", "-"), dest=key, default=None,
                             type=int if key in INT_OPTIONS else float if key == "eval_noise_std" else str)
+    parser.add_argument("--answers", default=None, help="LM datasets: auto | true | false: greedy-decode every answer "
+                        "-> eval/answer_exact (default auto: prompt -> answer data)")
+    parser.add_argument("--answer-max-examples", dest="answer_max_examples", type=int, default=None,
+                        help="LM datasets: answer-decode at most the first N examples")
     parser.add_argument("--save-segments", dest="save_segments", default=None,
                         help="auto | true | false: keep each segment's answer (default auto: if it fits in "
                              f"{AUTO_SEGMENT_BYTES // 2**20} MiB)")
@@ -79,7 +86,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         raise ConfigError("checkpoint=<step dir or original step_N file> is required")
     args.device = args.device or "auto"
     args.split = args.split or "test"
-    for key in ("arc", "ema", "save_segments"):
+    if args.answer_max_examples is not None and args.answer_max_examples < 1:
+        raise ConfigError(f"'answer_max_examples' must be >= 1; got {args.answer_max_examples}")
+    for key in ("arc", "ema", "save_segments", "answers"):
         value = (getattr(args, key) or "auto").lower()
         if value not in ("auto", "true", "false"):
             raise ConfigError(f"'{key}' must be auto, true or false; got {value!r}")
@@ -147,6 +156,17 @@ def run(args: argparse.Namespace) -> dict:
                                 mixed_precision=cfg.mixed_precision, max_batches=args.max_eval_batches,
                                 save_keys=SAVE_KEYS if puzzle else [], global_batch_size=gbs, progress=True,
                                 settings=settings, task=task, save_segments=segments)
+    if not puzzle:  # bits per character, answer accuracy: the same module as pretrain.py's evals
+        from utils.lm_eval import LMEvalSettings, check_settings, lm_eval
+        from utils.modeling import inner_model
+        answers = {"true": True, "false": False}.get(args.answers, "auto")
+        lm_settings = LMEvalSettings(answers=answers, max_examples=args.answer_max_examples)
+        check_settings(lm_settings, inner_model(head), data_path)
+        n = len(dataset.data)
+        rows = min(n, args.max_eval_batches * gbs) if args.max_eval_batches else n
+        metrics.update(lm_eval(inner_model(head), data_path, args.split, metrics, info, device=info.device,
+                               batch_size=gbs // info.world_size, settings=lm_settings, rows_evaluated=rows,
+                               mixed_precision=cfg.mixed_precision, progress=True))
     tasks = None
     if arc and not in_context:  # every rank takes part: rank 0 votes and shares the numbers
         arc_metrics, tasks = score_arc(outputs, data_path, info)
@@ -182,7 +202,8 @@ def run(args: argparse.Namespace) -> dict:
     write_json_atomic(out_dir / "metrics.json", metrics)
     if puzzle:
         print(metrics_table(metrics, f"{data_path}/{args.split}", str(args.checkpoint)), flush=True)
-    shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.endswith(("accuracy", "pass@1", "pass@2", "ppl")))
+    shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())
+                      if k.endswith(("accuracy", "pass@1", "pass@2", "ppl", "answer_exact", "bits_per_char")))
     print(f"evaluated {args.checkpoint} ({'EMA' if use_ema else 'live'} weights) on {data_path}/{args.split}: "
           f"{shown} ({time.time() - t0:.1f} s); "
           f"wrote {out_dir}/metrics.json", flush=True)

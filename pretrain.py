@@ -40,6 +40,7 @@ from utils.eval_metrics import dataset_task, summary_line
 from utils.evaluation import (ARC_KEYS, SEGMENT_KEYS, MetricAccumulator, check_inference_support, evaluate,
                               reduce_metrics, score_arc)
 from utils.inference import InferenceSettings
+from utils.lm_eval import LMEvalSettings, check_settings as check_lm_eval_settings, lm_eval
 from utils.logger import MetricLogger
 from utils.modeling import (autocast_context, bf16_cpu_warning, build_head, compile_decision, derive_seed, inner_model,
                             prepare_for_training, puzzle_embedding, set_exploration_generator)
@@ -314,6 +315,8 @@ def run_eval(run: Run) -> None:
                                     save_keys=save_keys, global_batch_size=cfg.eval_batch_size or cfg.global_batch_size,
                                     progress=True, settings=InferenceSettings.from_config(cfg), task=task,
                                     save_segments=cfg.eval_save_segments)
+        if dataset_kind(cfg.data_path) == "lm":  # bits per character, answer accuracy (+ extrapolation split)
+            metrics.update(run_lm_eval(run, metrics))
         log_example_panel(run, outputs)  # the weights the eval used
     if task == "arc":  # pass@1/2 in every eval, as evaluate.py reports them
         metrics.update(score_arc(outputs, cfg.data_path, info)[0])
@@ -337,6 +340,16 @@ def run_eval(run: Run) -> None:
             if info.is_main:
                 print(f"early stop at step {run.step}: {cfg.save_best.metric} did not improve in "
                       f"{cfg.eval_patience} evals", flush=True)
+
+
+def run_lm_eval(run: Run, metrics: dict) -> dict:
+    cfg, info = run.cfg, run.info
+    gbs = cfg.eval_batch_size or cfg.global_batch_size
+    n = len(run.eval_loader.dataset.data)
+    rows = min(n, cfg.max_eval_batches * gbs) if cfg.max_eval_batches else n
+    return lm_eval(inner_model(run.head), cfg.data_path, cfg.eval_split, metrics, info, device=info.device,
+                   batch_size=gbs // info.world_size, settings=LMEvalSettings.from_config(cfg), rows_evaluated=rows,
+                   mixed_precision=cfg.mixed_precision, progress=True)
 
 
 PANEL_KEYS = ("inputs", "labels", "puzzle_identifiers", "preds")
@@ -611,6 +624,10 @@ def setup_run(cfg: PretrainConfig, info: DistInfo, group: Optional[str], held: O
     injected["batch_size"] = micro_batch
     head = build_head(cfg.arch, injected, seed=cfg.seed)
     check_inference_support(head, InferenceSettings.from_config(cfg))
+    if dataset_kind(cfg.data_path) == "lm":
+        check_lm_eval_settings(LMEvalSettings.from_config(cfg), inner_model(head), cfg.data_path)
+    elif cfg.eval_extrap_split is not None or cfg.eval_answers is True:
+        raise ConfigError(f"eval_answers/eval_extrap_split apply to LM datasets; '{cfg.data_path}' is a puzzle dataset")
     arch_full = dict(cfg.arch)
     arch_full.update({k: v for k, v in injected.items() if k in dataclass_fields(inner_model(head))})
 

@@ -43,6 +43,9 @@ def test_pretrain_reports_decoder_ce_and_ppl(trained):
     last = evals[-1]
     assert abs(last["eval/ppl"] - math.exp(last["eval/ce"])) < 1e-6 * last["eval/ppl"]
     assert 0 < last["eval/ce"] < math.log(300) + 1  # near-uniform at worst after 4 steps
+    # bits per character: the target nats over the decoded targets' characters (utils/lm_eval.py); text windows
+    # are no prompt -> answer data, so no answer decoding
+    assert 0 < last["eval/bits_per_char"] < last["eval/target_nats"] and "eval/answer_exact" not in last
     train = [r for r in rows if "train/ce" in r]
     assert train and "perf/tokens_per_s" in train[-1] and "train/gate/mean" in train[-1]
     assert (ck / "best").is_dir()

@@ -90,6 +90,9 @@ class PretrainConfig:
     eval_select: str = "q"                  # q | first_halt | vote: how the answer is chosen among K
     eval_save_segments: bool = False        # eval outputs also get each segment's argmax + the halting segment
     eval_examples: int = 4                  # wrong and right examples per eval panel (PNG + W&B image); 0 = off
+    eval_answers: Union[bool, str] = "auto"  # LM: greedy-decode every answer -> eval/answer_exact (utils/lm_eval.py)
+    eval_answer_max_examples: Optional[int] = None  # LM: answer-decode at most the first N examples per split
+    eval_extrap_split: Optional[str] = None  # LM: also answer-evaluate this split as eval_extrap/... (e.g. test)
     logger: str = "auto"                    # auto | wandb | jsonl | none (jsonl is always written by wandb too)
     wandb_group: Optional[str] = None       # default: one group per multirun sweep
     max_steps: Optional[int] = None         # stop (with a checkpoint) after this many steps
@@ -124,6 +127,7 @@ BOUNDS = {
     "puzzle_emb_weight_decay": (0.0, None, False), "grad_clip": (0.0, None, False),
     "lr_min_ratio": (0.0, 1.0, False), "beta1": (0.0, 1.0, True), "beta2": (0.0, 1.0, True),
     "peak_flops": (1.0, None, False), "ema_rate": (0.0, 1.0, True), "eval_examples": (0, MAX_EVAL_EXAMPLES, False),
+    "eval_answer_max_examples": (1, None, False),
 }
 
 
@@ -192,6 +196,8 @@ def build_config(raw: dict) -> PretrainConfig:
                           "use bf16 (HRM's own forward dtype) or none")
     if cfg.compile not in (True, False, "auto"):
         raise ConfigError(f"config key 'compile' must be true, false or auto; got {cfg.compile!r}")
+    if cfg.eval_answers not in (True, False, "auto"):
+        raise ConfigError(f"config key 'eval_answers' must be true, false or auto; got {cfg.eval_answers!r}")
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}; got {getattr(cfg, key)!r}")
