@@ -236,7 +236,7 @@ def test_gate_floor_ramp_and_segment_weights():
     out = model(batch["encoder_ids"], batch["encoder_mask"], batch["decoder_input_ids"])
     ce = [torch.nn.functional.cross_entropy(lg.transpose(1, 2), batch["labels"], ignore_index=-100, reduction="none")
           .sum(-1) / (batch["labels"] != -100).sum(-1) for lg in out["segment_logits"]]
-    assert float(loss) == pytest.approx(float(w[0] * ce[0].sum() + w[1] * ce[1].sum()), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(w[0] * ce[0].sum() + w[1] * ce[1].sum()), rel=1e-5)
     assert model.segment_loss_weights() == w and tiny(ds_weight=0.2).segment_loss_weights() == [0.2, 1.0]
 
 
