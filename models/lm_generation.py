@@ -43,11 +43,15 @@ class LMGeneration:
     @torch.no_grad()
     def generate(self, encoder_ids: torch.Tensor, encoder_mask: torch.Tensor, max_new_tokens: int,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
-                 generator: torch.Generator | None = None, use_cache: bool = True) -> Iterator[torch.Tensor]:
+                 generator: torch.Generator | None = None, use_cache: bool = True,
+                 state: dict | None = None) -> Iterator[torch.Tensor]:
         """Yield the next token [B] for each step, starting from BOS; stops early once every row emitted EOS
         (rows that finished keep emitting EOS). use_cache=False recomputes the whole decoder prefix at every
-        step (the reference the KV cache must equal, and the bench's uncached baseline)."""
-        state = self.prepare_generation(encoder_ids, encoder_mask)
+        step (the reference the KV cache must equal, and the bench's uncached baseline). `state`: this
+        prompt batch's prepare_generation result, passed in by a caller that also reads its diagnostics
+        afterwards (utils/lm_eval.py: gate and halting statistics); None = prepared here."""
+        if state is None:
+            state = self.prepare_generation(encoder_ids, encoder_mask)
         B = encoder_ids.shape[0]
         tok = torch.full((B,), self.config.bos_id, dtype=torch.long, device=encoder_ids.device)
         inputs = [tok]

@@ -15,11 +15,10 @@ Bits per character (every LM dataset with a tokenizer): the loss head's `target_
 over the target tokens of the evaluated rows, EOS excluded) / the number of characters of those targets
 (decoded text) / ln 2, so that models with different tokenizers compare.
 
-Generation protocol a model needs for answers (models/hrm_lm/hrm_lm_v1.py has it):
-    state = model.prepare_generation(encoder_ids [B, Lp], encoder_mask [B, Lp])     # encode (+ reason)
-    logits = model.decode_step(tokens [B], state)    # [B, V]; BOS first; advances the KV cache
-  model.config.bos_id / eos_id; optional state keys read as diagnostics: steps [B], halt_probs [B, S],
-  gate_stats {gate/mean, gate/min, gate/max, gate/saturation} (batch values).
+Answers are decoded by the generation loop every LM shares (models/lm_generation.py: arch=hrm_lm_* and
+arch=lm_transformer), so a model needs its protocol (prepare_generation, decode_step, config.bos_id/eos_id).
+Optional state keys read as diagnostics (the hybrid has them; a plain LM has none): steps [B],
+halt_probs [B, S], gate_stats {gate/mean, gate/min, gate/max, gate/saturation} (batch values).
 """
 from __future__ import annotations
 
@@ -59,7 +58,8 @@ def is_answer_dataset(meta: dict) -> bool:
 
 
 def supports_answers(model) -> bool:
-    return hasattr(model, "prepare_generation") and hasattr(model, "decode_step")
+    from models.lm_generation import LMGeneration
+    return isinstance(model, LMGeneration)
 
 
 def wants_answers(settings: LMEvalSettings, meta: dict) -> bool:
@@ -82,8 +82,8 @@ def check_settings(settings: LMEvalSettings, model, data_path: str) -> None:
         if settings.answers is False:
             raise ConfigError("config key 'eval_extrap_split' needs answer decoding, but eval_answers=false")
     if (wants_answers(settings, meta) or settings.extrap_split) and not supports_answers(model):
-        raise ConfigError(f"eval_answers/eval_extrap_split: {type(model).__name__} has no prepare_generation/"
-                          "decode_step (the generation protocol in utils/lm_eval.py); set eval_answers=false")
+        raise ConfigError(f"eval_answers/eval_extrap_split: {type(model).__name__} does not generate "
+                          "(no LMGeneration, models/lm_generation.py); set eval_answers=false")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -146,20 +146,18 @@ def bits_per_char(target_nats: float, chars: int) -> float:
 
 @torch.no_grad()
 def greedy_decode(model, encoder_ids: torch.Tensor, encoder_mask: torch.Tensor, limits: torch.Tensor):
-    """Greedy tokens [B, T] (T = max limit) from BOS with the model's KV cache, and the generation state.
-    Row r is decided after limits[r] tokens or its first EOS; the loop ends when every row is decided
-    (one host sync per token: eval only). Positions after a decided row's end hold whatever came next."""
-    cfg = model.config
+    """Greedy tokens [B, T] (T = max limit) from BOS with the model's KV cache, and the generation state,
+    through the one generation loop (models/lm_generation.py). Row r is decided after limits[r] tokens or
+    its first EOS; decoding stops once every row is decided, not only once every row emitted EOS (a wrong
+    answer that never ends costs at most its own limit). Positions after a row's EOS hold EOS."""
     state = model.prepare_generation(encoder_ids, encoder_mask)
     B, T = encoder_ids.shape[0], int(limits.max())
-    tok = torch.full((B,), cfg.bos_id, dtype=torch.long, device=encoder_ids.device)
-    out = torch.full((B, T), cfg.eos_id, dtype=torch.long, device=encoder_ids.device)
+    out = torch.full((B, T), model.config.eos_id, dtype=torch.long, device=encoder_ids.device)
     decided = torch.zeros(B, dtype=torch.bool, device=encoder_ids.device)
-    for t in range(T):
-        tok = model.decode_step(tok, state).argmax(-1)
+    for t, tok in enumerate(model.generate(encoder_ids, encoder_mask, T, greedy=True, state=state)):
         out[:, t] = tok
-        decided |= (tok == cfg.eos_id) | (limits <= t + 1)
-        if bool(decided.all()):
+        decided |= (tok == model.config.eos_id) | (limits <= t + 1)
+        if bool(decided.all()):  # one host sync per token: eval, not a training step
             break
     return out, state
 
