@@ -3,6 +3,8 @@
     .venv/bin/python bench/lm_ablation.py                  # data, 2 tasks x 3 arms x 3 seeds + the HRM settings, table
     .venv/bin/python bench/lm_ablation.py --smoke          # 1 seed, 200 steps, every arm and setting once
     .venv/bin/python bench/lm_ablation.py --table          # only print the table of the finished runs
+    .venv/bin/python bench/lm_ablation.py --tasks addition --arms hrm nocore transformer \
+        --out checkpoints/lm-ablation-long epochs=12       # longer training: overrides apply to every run
 
 Arms (config/experiment/lm_<task>_<arm>.yaml, one training recipe: lm_ablation_base.yaml):
     hrm          (a) the HRM core with a learned gate
@@ -134,12 +136,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
     p.add_argument("--smoke", action="store_true", help="1 seed, 200 steps, into checkpoints/lm-ablation-smoke")
     p.add_argument("--table", action="store_true", help="print the table of finished runs, run nothing")
+    p.add_argument("--out", default=None, help="runs directory (default checkpoints/lm-ablation); a finished run there is not rerun")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="pretrain.py overrides for every run")
     a = p.parse_args(argv)
     global OUT
-    extra = []
+    OUT = Path(a.out) if a.out else OUT
+    extra = list(a.overrides)
     if a.smoke:
         OUT, a.seeds, a.settings_seeds = Path("checkpoints/lm-ablation-smoke"), [0], [0]
-        extra = ["max_steps=200"]
+        extra += ["max_steps=200"]
     jobs = [(t, arm, s) for s in a.seeds for t in a.tasks for arm in a.arms if arm in ARMS]
     jobs += [(t, arm, s) for s in (a.settings_seeds if a.settings_seeds is not None else a.seeds)
              for t in a.tasks for arm in a.arms if arm in SETTINGS]
