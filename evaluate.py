@@ -157,13 +157,12 @@ def run(args: argparse.Namespace) -> dict:
                                 save_keys=SAVE_KEYS if puzzle else [], global_batch_size=gbs, progress=True,
                                 settings=settings, task=task, save_segments=segments)
     if not puzzle:  # bits per character, answer accuracy: the same module as pretrain.py's evals
-        from utils.lm_eval import LMEvalSettings, check_settings, lm_eval
+        from utils.lm_eval import LMEvalSettings, check_settings, lm_eval, loss_pass_rows
         from utils.modeling import inner_model
         answers = {"true": True, "false": False}.get(args.answers, "auto")
         lm_settings = LMEvalSettings(answers=answers, max_examples=args.answer_max_examples)
         check_settings(lm_settings, inner_model(head), data_path)
-        n = len(dataset.data)
-        rows = min(n, args.max_eval_batches * gbs) if args.max_eval_batches else n
+        rows = loss_pass_rows(len(dataset.data), args.max_eval_batches, gbs)
         metrics.update(lm_eval(inner_model(head), data_path, args.split, metrics, info, device=info.device,
                                batch_size=gbs // info.world_size, settings=lm_settings, rows_evaluated=rows,
                                mixed_precision=cfg.mixed_precision, progress=True))

@@ -40,7 +40,7 @@ from utils.eval_metrics import dataset_task, summary_line
 from utils.evaluation import (ARC_KEYS, SEGMENT_KEYS, MetricAccumulator, check_inference_support, evaluate,
                               reduce_metrics, score_arc)
 from utils.inference import InferenceSettings
-from utils.lm_eval import LMEvalSettings, check_settings as check_lm_eval_settings, lm_eval
+from utils.lm_eval import LMEvalSettings, check_settings as check_lm_eval_settings, lm_eval, loss_pass_rows
 from utils.logger import MetricLogger
 from utils.modeling import (autocast_context, bf16_cpu_warning, build_head, compile_decision, derive_seed, inner_model,
                             prepare_for_training, puzzle_embedding, set_exploration_generator)
@@ -345,8 +345,7 @@ def run_eval(run: Run) -> None:
 def run_lm_eval(run: Run, metrics: dict) -> dict:
     cfg, info = run.cfg, run.info
     gbs = cfg.eval_batch_size or cfg.global_batch_size
-    n = len(run.eval_loader.dataset.data)
-    rows = min(n, cfg.max_eval_batches * gbs) if cfg.max_eval_batches else n
+    rows = loss_pass_rows(len(run.eval_loader.dataset.data), cfg.max_eval_batches, gbs)
     return lm_eval(inner_model(run.head), cfg.data_path, cfg.eval_split, metrics, info, device=info.device,
                    batch_size=gbs // info.world_size, settings=LMEvalSettings.from_config(cfg), rows_evaluated=rows,
                    mixed_precision=cfg.mixed_precision, progress=True)

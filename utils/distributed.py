@@ -99,6 +99,12 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def all_gather_object(obj, info: DistInfo) -> list:
     """Every rank's object, on every rank (per-rank RNG states for checkpoints; works on gloo and NCCL)."""
     if not info.distributed:

@@ -31,7 +31,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from utils.distributed import DistInfo, all_reduce_sum
+from utils.distributed import DistInfo, all_reduce_max, all_reduce_sum
 from utils.eval_metrics import wilson_interval
 from utils.modeling import autocast_context
 from utils.schema import ConfigError
@@ -251,14 +251,13 @@ def answer_eval(model, data_path: str, split: str, info: DistInfo, *, device: to
     return out
 
 
-def all_reduce_max(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    import torch.distributed as dist
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
-
-
 # ---------------------------------------------------------------------------------------------------
 # the eval hook
+
+
+def loss_pass_rows(n: int, max_batches: Optional[int], global_batch_size: int) -> int:
+    """Rows of an n-row split that a loss pass capped at `max_batches` global batches covers."""
+    return min(n, max_batches * global_batch_size) if max_batches else n
 
 
 def lm_eval(model, data_path: str, split: str, metrics: dict[str, float], info: DistInfo, *, device: torch.device,
