@@ -184,6 +184,16 @@ def test_sizing_matches_parameters_or_flops():
         assert size_like(hrm)["hidden_size"] == _build_hybrid(hrm).config.hidden_size
 
 
+def test_sizing_at_the_ablation_size():
+    """Issue 12's ablation size (the hybrid arm, lm_ablation_hrm, on the addition data: vocab 260, seq_len 12):
+    the plain arm's n_layers=6 is the parameter match, n_layers=7 the FLOPs match."""
+    hrm = dict(vocab_size=260, seq_len=12, encoder="transformer", hidden_size=64, num_heads=2, expansion=2.0,
+               encoder_layers=1, H_layers=1, L_layers=1, H_cycles=2, L_cycles=2, halt_max_steps=2, decoder_layers=2)
+    (_, _, p_hrm, f_hrm), (_, n_p, p_base, f_p), (_, n_f, p_f, f_base) = comparison(hrm, batch_size=64)
+    assert (p_hrm, n_p, p_base, n_f, p_f) == (249_218, 6, 243_008, 7, 277_952)
+    assert round(f_p / f_hrm, 2) == 0.90 and round(f_base / f_hrm, 2) == 1.03
+
+
 # ---- end to end: the trainer, evaluate.py and generate.py on a tiny text dataset --------------------
 
 
