@@ -14,7 +14,8 @@ this project applies (utils/modeling.py `retain_freed_host_memory`). `--same-pro
 reference here too, so that it shares that setting: the ratio of the model code alone.
 The non-matmul share is 1 - (self time of the matmul ops) / (wall time of the step), from torch.profiler
 over `--profile-steps` steps of each runner: everything that is not a matrix product counts as overhead,
-including Python and the optimizers.
+including Python and the optimizers. The last column, the matmul-bound ceiling, is the ratio a runner would
+reach if only its matrix products took time: the most that fusing or removing the rest can give.
 
     python -m bench.bench_step                         # HRM and TRM, tiny shape, fp32, 1 thread, eager
     python -m bench.bench_step --compile --pairs 9
@@ -200,10 +201,18 @@ def main(argv=None) -> int:
     print(f"\n{args.shape} shape, {args.dtype}, {args.threads} thread(s), torch {torch.__version__}; "
           f"{args.pairs} alternating pairs; reference {'in this process' if args.same_process_reference else 'in its own process'}"
           f"; {load()} at the end\n")
-    print("| arch | step | median ms/step | non-matmul share | top non-matmul ops | ref/ours per pair | median ratio |")
-    print("|---|---|---|---|---|---|---|")
+    # The matmul-bound ceiling: the reference's median over this runner's matmul time alone (median x (1 -
+    # non-matmul share)), i.e. the ratio it would reach if everything but its matrix products took no time.
+    # A target ratio above it cannot be met by fusion or by removing element-wise work; only by faster
+    # (or fewer) matrix products.
+    ref_med = {arch: med for arch, name, med, *_ in rows if name.startswith("original-like")}
+    print("| arch | step | median ms/step | non-matmul share | top non-matmul ops | ref/ours per pair | median ratio "
+          "| matmul-bound ceiling |")
+    print("|---|---|---|---|---|---|---|---|")
     for arch, name, med, share, top, per_pair, ratio in rows:
-        print(f"| {arch} | {name} | {med * 1e3:.0f} | {100 * share:.0f}% | {top} | {per_pair} | {ratio:.2f}x |")
+        ceiling = ref_med[arch] / (med * (1 - share))
+        print(f"| {arch} | {name} | {med * 1e3:.0f} | {100 * share:.0f}% | {top} | {per_pair} | {ratio:.2f}x "
+              f"| {ceiling:.2f}x |")
     return 0
 
 
