@@ -201,10 +201,7 @@ def main(argv=None) -> int:
     print(f"\n{args.shape} shape, {args.dtype}, {args.threads} thread(s), torch {torch.__version__}; "
           f"{args.pairs} alternating pairs; reference {'in this process' if args.same_process_reference else 'in its own process'}"
           f"; {load()} at the end\n")
-    # The matmul-bound ceiling: the reference's median over this runner's matmul time alone (median x (1 -
-    # non-matmul share)), i.e. the ratio it would reach if everything but its matrix products took no time.
-    # A target ratio above it cannot be met by fusion or by removing element-wise work; only by faster
-    # (or fewer) matrix products.
+    # ceiling = reference median / this runner's matmul time alone (see the module docstring)
     ref_med = {arch: med for arch, name, med, *_ in rows if name.startswith("original-like")}
     print("| arch | step | median ms/step | non-matmul share | top non-matmul ops | ref/ours per pair | median ratio "
           "| matmul-bound ceiling |")
