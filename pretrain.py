@@ -43,7 +43,8 @@ from utils.inference import InferenceSettings
 from utils.lm_eval import LMEvalSettings, check_settings as check_lm_eval_settings, lm_eval, loss_pass_rows
 from utils.logger import MetricLogger
 from utils.modeling import (autocast_context, bf16_cpu_warning, build_head, compile_decision, derive_seed, inner_model,
-                            prepare_for_training, puzzle_embedding, set_exploration_generator)
+                            prepare_for_training, puzzle_embedding, set_exploration_generator,
+                            set_linear_backend)
 from utils.optim import SCHEDULE_BASE_LR, build_optimizer, build_scheduler, current_lr
 from utils.schema import ConfigError
 
@@ -651,8 +652,10 @@ def setup_run(cfg: PretrainConfig, info: DistInfo, group: Optional[str], held: O
 
     stop_step = min(total_steps, cfg.max_steps or total_steps)
     use_compile, compile_why = compile_decision(cfg.compile, info.device, stop_step)
+    _, linear_why = set_linear_backend(head, cfg.linear_backend, info.device)
     step_module = prepare_for_training(head, info.device, use_compile)
     if info.is_main:
+        print(linear_why, flush=True)
         if cfg.compile == "auto":
             print(f"{compile_why}: {'compiling' if use_compile else 'eager'}", flush=True)
         warning = bf16_cpu_warning(info.device, cfg.mixed_precision, arch_full.get("forward_dtype"))

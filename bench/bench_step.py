@@ -37,18 +37,20 @@ import torch
 
 from bench.bench_model import SHAPES, original_like, synthetic_batch_and_optimizers
 from models.hrm.hrm_act_v1 import HierarchicalReasoningModel_ACTV1
+from models.layers import resolve_linear_backend
 from models.losses import ACTLossHead
 from models.recursive_reasoning.trm import TinyRecursiveReasoningModel_ACTV1
-from utils.modeling import retain_freed_host_memory
+from utils.modeling import retain_freed_host_memory, set_linear_backend
 
 ARCHS = {"hrm": HierarchicalReasoningModel_ACTV1, "trm": TinyRecursiveReasoningModel_ACTV1}
 # TRM at the same tiny shape: its one network has L_layers=2 blocks; the original's 16 prefix positions.
 TRM_KEYS = dict(puzzle_emb_len=16)
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
-              "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "mkldnn::_linear_pointwise")
+              "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "mkldnn::_linear_pointwise",
+              "hrm::onednn_linear")
 
 
-def build(arch: str, shape: str, dtype: str, reference: bool, compiled: bool):
+def build(arch: str, shape: str, dtype: str, reference: bool, compiled: bool, linear_backend: str = "torch"):
     cfg = dict(SHAPES[shape], forward_dtype=dtype, attn_backend="sdpa" if reference else "auto")
     if arch == "trm":
         cfg.update(TRM_KEYS)
@@ -56,6 +58,8 @@ def build(arch: str, shape: str, dtype: str, reference: bool, compiled: bool):
     model.set_generator(torch.Generator().manual_seed(0))
     head = ACTLossHead(model, "stablemax_cross_entropy")
     head.train()
+    if not reference:
+        set_linear_backend(head, linear_backend, "cpu")
     if compiled:
         from utils.modeling import compile_blocks
         compile_blocks(head)
@@ -150,6 +154,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile-steps", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="also time ours with compile=true (compiled blocks)")
     ap.add_argument("--no-eager", action="store_true", help="with --compile: skip the eager row of ours")
+    ap.add_argument("--linear-backend", default="auto", choices=["auto", "torch", "onednn"],
+                    help="ours: config linear_backend (the reference always uses torch's F.linear)")
     ap.add_argument("--same-process-reference", action="store_true",
                     help="run the reference in this process (sharing our allocator setting), not in its own")
     ap.add_argument("--worker", nargs=4, metavar=("ARCH", "SHAPE", "DTYPE", "THREADS"), help=argparse.SUPPRESS)
@@ -171,7 +177,8 @@ def main(argv=None) -> int:
         else:
             ref = ChildRunner("original-like (own process)", arch, args.shape, args.dtype, args.threads)
         ours = [Runner("ours compiled" if c else "ours eager",
-                       *build(arch, args.shape, args.dtype, reference=False, compiled=c), reference=False)
+                       *build(arch, args.shape, args.dtype, reference=False, compiled=c,
+                              linear_backend=args.linear_backend), reference=False)
                 for c in variants]
         t0 = time.perf_counter()
         for _ in range(args.warmup):
@@ -200,7 +207,7 @@ def main(argv=None) -> int:
 
     print(f"\n{args.shape} shape, {args.dtype}, {args.threads} thread(s), torch {torch.__version__}; "
           f"{args.pairs} alternating pairs; reference {'in this process' if args.same_process_reference else 'in its own process'}"
-          f"; {load()} at the end\n")
+          f"; ours: {resolve_linear_backend(args.linear_backend, 'cpu')[1]}; {load()} at the end\n")
     # ceiling = reference median / this runner's matmul time alone (see the module docstring)
     ref_med = {arch: med for arch, name, med, *_ in rows if name.startswith("original-like")}
     print("| arch | step | median ms/step | non-matmul share | top non-matmul ops | ref/ours per pair | median ratio "

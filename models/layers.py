@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.common import trunc_normal_init_
+from utils.config import CHOICES
 from utils.schema import ConfigError
 
 log = logging.getLogger(__name__)
@@ -59,12 +60,88 @@ class CastedLinear(nn.Module):
                                                       std=1.0 / math.sqrt(in_features), generator=generator))
         self.bias = nn.Parameter(torch.zeros((out_features,))) if bias else None
 
+    # "torch" (F.linear) or "onednn" (onednn_linear below); set per model by utils/modeling.set_linear_backend
+    backend = "torch"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
         b = self.bias
         if b is not None and b.dtype != x.dtype:
             b = b.to(x.dtype)
+        if self.backend == "onednn" and b is None and x.dtype == torch.float32 and x.device.type == "cpu" \
+                and not torch.is_autocast_enabled("cpu"):
+            return onednn_linear(x, w)
         return F.linear(x, w, b)
+
+
+# ----------------------------------------------------------------------------------------------
+# the oneDNN linear (config `linear_backend`)
+#
+# torch's CPU `mm` is MKL's GEMM. On AVX-512 CPUs oneDNN's fp32 GEMM, reachable through torch's own
+# `mkldnn::_linear_pointwise` op, is faster at this project's shapes (bench/bench_linear.py; numbers in
+# docs/benchmarks.md, "linear backend"). It is wrapped as a custom op so that torch.compile calls it as one
+# opaque kernel (inductor's own lowering of that op expects prepacked inference weights). Its sums run in
+# another order than MKL's, so results differ in the last bits and training trajectories drift apart: the
+# default stays `torch`, the original's numerics, and `auto`/`onednn` are opt-in, like `compile`.
+
+LINEAR_BACKENDS = CHOICES["linear_backend"]
+
+
+@torch.library.custom_op("hrm::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., in] @ weight[out, in]^T -> [..., out]; fp32 CPU tensors, through oneDNN."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.contiguous(), None, "none", [], "")
+
+
+@onednn_linear.register_fake
+def _onednn_linear_fake(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _onednn_linear_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _onednn_linear_backward(ctx, grad: torch.Tensor):
+    x, weight = ctx.saved_tensors
+    grad_x = grad_w = None
+    if ctx.needs_input_grad[0]:
+        grad_x = onednn_linear(grad, weight.t().contiguous())  # [..., out] @ W[out, in]; W^T is a small copy
+    if ctx.needs_input_grad[1]:
+        # MKL keeps g^T x: oneDNN would want both operands transposed, and copying them costs more than it saves
+        grad_w = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+    return grad_x, grad_w
+
+
+onednn_linear.register_autograd(_onednn_linear_backward, setup_context=_onednn_linear_setup)
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def resolve_linear_backend(requested: str, device: torch.device | str) -> tuple[str, str]:
+    """(backend, why) for config `linear_backend`. auto = onednn on a CPU device whose torch kernels use
+    AVX-512 (where it was measured faster; with AVX2 only it measured 1.03x, within noise), else torch.
+    CUDA always uses torch: cuBLAS."""
+    if requested not in LINEAR_BACKENDS:
+        raise ConfigError(f"config key 'linear_backend' expects one of {', '.join(LINEAR_BACKENDS)}, got {requested!r}")
+    on_cpu = torch.device(device).type == "cpu"
+    if requested == "torch":
+        return "torch", "linear_backend=torch"
+    if requested == "onednn":
+        if not (on_cpu and onednn_available()):
+            raise ConfigError("config key 'linear_backend' is 'onednn', which needs device=cpu and a torch built "
+                              f"with oneDNN (device {device}, oneDNN available: {onednn_available()}); use auto or torch")
+        return "onednn", "linear_backend=onednn"
+    if not on_cpu:
+        return "torch", f"linear_backend=auto: torch on {torch.device(device).type}"
+    if not onednn_available():
+        return "torch", "linear_backend=auto: torch (this torch has no oneDNN)"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability != "AVX512":
+        return "torch", f"linear_backend=auto: torch (CPU capability {capability}, not AVX512)"
+    return "onednn", "linear_backend=auto: oneDNN's GEMM (CPU capability AVX512)"
 
 
 class CastedEmbedding(nn.Module):

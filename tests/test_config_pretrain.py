@@ -14,7 +14,7 @@ from utils.schema import ConfigError
 ORIGINAL_KEYS = ["data_path", "global_batch_size", "epochs", "eval_interval", "checkpoint_every_eval", "lr",
                  "lr_min_ratio", "lr_warmup_steps", "beta1", "beta2", "weight_decay", "puzzle_emb_weight_decay",
                  "puzzle_emb_lr", "seed", "project_name", "run_name", "checkpoint_path", "eval_save_outputs"]
-ADDED_KEYS = ["optimizer", "lr_scheduler", "grad_accum_steps", "grad_clip", "mixed_precision", "compile", "device",
+ADDED_KEYS = ["optimizer", "lr_scheduler", "grad_accum_steps", "grad_clip", "mixed_precision", "compile", "linear_backend", "device",
               "checkpoint_limit", "save_best", "eval_patience", "eval_patience_grace_steps", "reset_progress",
               "init_from", "log_every", "max_eval_batches", "eval_batch_size", "logger"]
 

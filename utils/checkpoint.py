@@ -500,7 +500,7 @@ def load_model_from_checkpoint(path: str | os.PathLike, device: str | torch.devi
     from omegaconf import OmegaConf
 
     from utils.config import build_config
-    from utils.modeling import build_head
+    from utils.modeling import build_head, set_linear_backend
 
     weights_file, kind = resolve_checkpoint(path)
     cfg_file = weights_file.parent / (CONFIG_FILE if kind == "ours" else "all_config.yaml")
@@ -520,6 +520,7 @@ def load_model_from_checkpoint(path: str | os.PathLike, device: str | torch.devi
     head = build_head(cfg.arch, injected, seed=cfg.seed)
     apply_weights(head, weights, str(weights_file))
     head.to(device)
+    set_linear_backend(head, cfg.linear_backend, device)
     head.eval()
     return cfg, head
 

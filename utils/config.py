@@ -71,6 +71,7 @@ class PretrainConfig:
     ema_rate: float = 0.999                 # in [0, 1): shadow = (1 - rate) * param + rate * shadow per step
     mixed_precision: str = "none"           # none | bf16 (torch.autocast around the forward)
     compile: Union[bool, str] = False       # false | true | auto (utils/modeling.py compile_decision)
+    linear_backend: str = "torch"           # torch | auto | onednn (models/layers.py resolve_linear_backend)
     device: str = "auto"                    # auto | cpu | cuda
     checkpoint_limit: int = 0               # keep the newest N step_* dirs; 0 = keep all
     checkpoint_interval_steps: Optional[int] = None  # also checkpoint every N optimizer steps
@@ -106,6 +107,7 @@ class PretrainConfig:
 CHOICES = {
     "mixed_precision": ("none", "bf16"),
     "device": ("auto", "cpu", "cuda"),
+    "linear_backend": ("torch", "auto", "onednn"),  # models/layers.py resolve_linear_backend
     "logger": ("auto", "wandb", "jsonl", "none"),
     "nonfinite_loss": ("stop", "skip"),
     "eval_halting": ("all", "q"),

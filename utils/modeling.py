@@ -145,6 +145,18 @@ def compile_blocks(module: torch.nn.Module) -> int:
     return n
 
 
+def set_linear_backend(head: torch.nn.Module, setting: str, device: torch.device | str) -> tuple[str, str]:
+    """Resolve config `linear_backend` (models/layers.py resolve_linear_backend) for `device` and set it on
+    every CastedLinear of `head`; -> (backend, why). Before compiling: the compiled graph calls what the
+    layer dispatches to."""
+    from models.layers import CastedLinear, resolve_linear_backend
+    backend, why = resolve_linear_backend(setting, device)
+    for m in head.modules():
+        if isinstance(m, CastedLinear):
+            m.backend = backend
+    return backend, why
+
+
 def prepare_for_training(head: torch.nn.Module, device: torch.device, compile_model) -> torch.nn.Module:
     """Move to the device and optionally compile (True/False; "auto" is resolved by the caller with
     compile_decision). Returns the module to call in the step; `head` keeps the original state-dict names.
