@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 from bench.bench_model import SHAPES
 from bench.bench_step import Runner, build
-from models.layers import CastedLinear, onednn_available, onednn_linear, swiglu_intermediate_size
-from utils.modeling import retain_freed_host_memory
+from models.layers import onednn_available, onednn_linear, swiglu_intermediate_size
+from utils.modeling import retain_freed_host_memory, set_linear_backend
 
 
 def _median_ms(fn, reps: int) -> float:
@@ -58,23 +58,17 @@ def gemm_rows(shape: str, reps: int) -> list[tuple]:
     return rows
 
 
-def set_backend(head: torch.nn.Module, backend: str) -> None:
-    for m in head.modules():
-        if isinstance(m, CastedLinear):
-            m.backend = backend
-
-
 def step_row(arch: str, shape: str, compiled: bool, pairs: int, warmup: int) -> tuple:
     runner = Runner("ours", *build(arch, shape, "float32", reference=False, compiled=compiled), reference=False)
     backends = ("torch", "onednn")
     for b in backends:  # compiles each backend's graphs here, untimed
-        set_backend(runner.head, b)
+        set_linear_backend(runner.head, b, "cpu")
         for _ in range(warmup):
             runner.step()
     times = {b: [] for b in backends}
     for _ in range(pairs):
         for b in backends:
-            set_backend(runner.head, b)
+            set_linear_backend(runner.head, b, "cpu")
             times[b].append(runner.step())
     ratios = sorted(t / o for t, o in zip(times["torch"], times["onednn"]))
     return (arch, "compiled" if compiled else "eager", 1e3 * statistics.median(times["torch"]),

@@ -37,7 +37,7 @@ import torch
 
 from bench.bench_model import SHAPES, original_like, synthetic_batch_and_optimizers
 from models.hrm.hrm_act_v1 import HierarchicalReasoningModel_ACTV1
-from models.layers import resolve_linear_backend
+from models.layers import LINEAR_BACKENDS, resolve_linear_backend
 from models.losses import ACTLossHead
 from models.recursive_reasoning.trm import TinyRecursiveReasoningModel_ACTV1
 from utils.modeling import retain_freed_host_memory, set_linear_backend
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     ap.add_argument("--profile-steps", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="also time ours with compile=true (compiled blocks)")
     ap.add_argument("--no-eager", action="store_true", help="with --compile: skip the eager row of ours")
-    ap.add_argument("--linear-backend", default="auto", choices=["auto", "torch", "onednn"],
+    ap.add_argument("--linear-backend", default="auto", choices=LINEAR_BACKENDS,
                     help="ours: config linear_backend (the reference always uses torch's F.linear)")
     ap.add_argument("--same-process-reference", action="store_true",
                     help="run the reference in this process (sharing our allocator setting), not in its own")
