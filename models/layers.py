@@ -27,6 +27,7 @@ from torch import nn
 
 from models.common import trunc_normal_init_
 from utils.config import CHOICES
+from utils.cpu import cpuinfo_field
 from utils.schema import ConfigError
 
 log = logging.getLogger(__name__)
@@ -120,10 +121,12 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def resolve_linear_backend(requested: str, device: torch.device | str) -> tuple[str, str]:
-    """(backend, why) for config `linear_backend`. auto = onednn on a CPU device whose torch kernels use
-    AVX-512 (where it was measured faster; with AVX2 only it measured 1.03x, within noise), else torch.
-    CUDA always uses torch: cuBLAS."""
+def resolve_linear_backend(requested: str, device: torch.device | str, cpuinfo: str = "/proc/cpuinfo"
+                           ) -> tuple[str, str]:
+    """(backend, why) for config `linear_backend`. auto = onednn on an AMD CPU whose torch kernels use AVX-512,
+    else torch. Measured with bench/bench_linear.py (docs/benchmarks.md, "Linear backend"): on an AMD EPYC
+    (Zen 4) oneDNN was 1.04-1.10x per tiny-shape step; on an Intel Xeon (Emerald Rapids) MKL was faster
+    (oneDNN 0.91-0.92x per step); with AVX2 only, 1.03x, within noise. CUDA always uses torch: cuBLAS."""
     if requested not in LINEAR_BACKENDS:
         raise ConfigError(f"config key 'linear_backend' expects one of {', '.join(LINEAR_BACKENDS)}, got {requested!r}")
     on_cpu = torch.device(device).type == "cpu"
@@ -141,7 +144,10 @@ def resolve_linear_backend(requested: str, device: torch.device | str) -> tuple[
     capability = torch.backends.cpu.get_cpu_capability()
     if capability != "AVX512":
         return "torch", f"linear_backend=auto: torch (CPU capability {capability}, not AVX512)"
-    return "onednn", "linear_backend=auto: oneDNN's GEMM (CPU capability AVX512)"
+    vendor = cpuinfo_field("vendor_id", cpuinfo)
+    if vendor != "AuthenticAMD":
+        return "torch", f"linear_backend=auto: torch (CPU vendor {vendor or 'unknown'}: oneDNN measured faster on AMD only)"
+    return "onednn", "linear_backend=auto: oneDNN's GEMM (AMD CPU, capability AVX512)"
 
 
 class CastedEmbedding(nn.Module):

@@ -98,17 +98,28 @@ def test_steps_on_onednn_match_torch_and_compile_once(arch):
     assert counters["stats"]["unique_graphs"] == graphs and not counters["recompiles"]
 
 
-def test_auto_rule(monkeypatch):
+def _cpuinfo(tmp_path, vendor: str) -> str:
+    path = tmp_path / f"cpuinfo-{vendor}"
+    path.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\nflags\t\t: fpu avx2 avx512f\n")
+    return str(path)
+
+
+def test_auto_rule(monkeypatch, tmp_path):
+    amd, intel = _cpuinfo(tmp_path, "AuthenticAMD"), _cpuinfo(tmp_path, "GenuineIntel")
     monkeypatch.setattr(layers, "onednn_available", lambda: True)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    assert resolve_linear_backend("auto", "cpu")[0] == "onednn"
+    assert resolve_linear_backend("auto", "cpu", cpuinfo=amd)[0] == "onednn"
+    # MKL measured faster on an Intel Xeon, and an unknown vendor (no /proc) keeps the default too
+    backend, why = resolve_linear_backend("auto", "cpu", cpuinfo=intel)
+    assert backend == "torch" and "GenuineIntel" in why
+    assert resolve_linear_backend("auto", "cpu", cpuinfo=str(tmp_path / "missing"))[0] == "torch"
     assert resolve_linear_backend("auto", "cuda") == ("torch", "linear_backend=auto: torch on cuda")
     assert resolve_linear_backend("torch", "cpu") == ("torch", "linear_backend=torch")
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    backend, why = resolve_linear_backend("auto", "cpu")
+    backend, why = resolve_linear_backend("auto", "cpu", cpuinfo=amd)
     assert backend == "torch" and "AVX2" in why
     monkeypatch.setattr(layers, "onednn_available", lambda: False)
-    assert resolve_linear_backend("auto", "cpu")[0] == "torch"
+    assert resolve_linear_backend("auto", "cpu", cpuinfo=amd)[0] == "torch"
     with pytest.raises(ConfigError, match="needs device=cpu"):
         resolve_linear_backend("onednn", "cpu")
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from utils.config import model_config_dict, validate_arch
+from utils.cpu import cpuinfo_field
 
 
 def derive_seed(*parts: int) -> int:
@@ -171,14 +172,9 @@ def prepare_for_training(head: torch.nn.Module, device: torch.device, compile_mo
 def native_bf16_cpu(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether this CPU computes bf16 natively (AVX-512-BF16 or AMX-BF16). Without either, PyTorch emulates
     bf16 matmuls through fp32 conversions, ~4-8x slower than fp32 (measured on a 2-core EPYC, issue 15)."""
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
+    flags = cpuinfo_field("flags", cpuinfo)
+    if flags is not None:
+        return bool(set(flags.split()) & {"avx512_bf16", "amx_bf16"})
     # no /proc (not Linux): torch's own CPU feature probe
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
