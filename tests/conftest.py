@@ -1,4 +1,5 @@
 """Test-wide setup: no network, no accounts, small thread count, shared data located once."""
+import itertools
 import os
 from pathlib import Path
 
@@ -42,3 +43,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def fake_cpuinfo(tmp_path):
+    """Writes a minimal /proc/cpuinfo look-alike: `fake_cpuinfo(vendor=..., flags=...)` -> its path."""
+    written = itertools.count()
+
+    def write(vendor: str = "GenuineIntel", flags: str = "") -> str:
+        path = tmp_path / f"cpuinfo-{next(written)}"
+        path.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\nmodel name\t: Some CPU\n"
+                        f"flags\t\t: fpu sse avx2 {flags}\n\n")
+        return str(path)
+    return write

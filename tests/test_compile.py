@@ -110,16 +110,10 @@ def test_compile_auto_rule():
     assert compile_decision("auto", cpu, COMPILE_AUTO_MIN_STEPS)[0]  # g++ is on PATH here
 
 
-def _cpuinfo(tmp_path, flags: str):
-    path = tmp_path / "cpuinfo"
-    path.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse avx2 {flags}\n\n")
-    return str(path)
-
-
 @pytest.mark.parametrize("flags, native", [("avx512f avx512bw", False), ("avx512f avx512_bf16", True),
                                            ("amx_tile amx_bf16", True), ("", False)])
-def test_bf16_warning_exactly_without_native_bf16(tmp_path, flags, native):
-    info = _cpuinfo(tmp_path, flags)
+def test_bf16_warning_exactly_without_native_bf16(fake_cpuinfo, flags, native):
+    info = fake_cpuinfo(flags=flags)
     assert native_bf16_cpu(info) is native
     cpu = torch.device("cpu")
     for mp, fd in [("bf16", "float32"), ("none", "bfloat16"), ("bf16", "bfloat16")]:

@@ -98,14 +98,8 @@ def test_steps_on_onednn_match_torch_and_compile_once(arch):
     assert counters["stats"]["unique_graphs"] == graphs and not counters["recompiles"]
 
 
-def _cpuinfo(tmp_path, vendor: str) -> str:
-    path = tmp_path / f"cpuinfo-{vendor}"
-    path.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\nflags\t\t: fpu avx2 avx512f\n")
-    return str(path)
-
-
-def test_auto_rule(monkeypatch, tmp_path):
-    amd, intel = _cpuinfo(tmp_path, "AuthenticAMD"), _cpuinfo(tmp_path, "GenuineIntel")
+def test_auto_rule(monkeypatch, tmp_path, fake_cpuinfo):
+    amd, intel = fake_cpuinfo("AuthenticAMD", "avx512f"), fake_cpuinfo("GenuineIntel", "avx512f")
     monkeypatch.setattr(layers, "onednn_available", lambda: True)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     assert resolve_linear_backend("auto", "cpu", cpuinfo=amd)[0] == "onednn"
